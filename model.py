@@ -19,6 +19,7 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -222,7 +223,7 @@ def bypassed(model):
 
 def get_alpha(model):
     modules = meansparse_modules(model)
-    return float(modules[0].alpha) if modules else 0.0
+    return round(float(modules[0].alpha), 6) if modules else 0.0    # float32 buffer: 0.35 reads 0.3499999
 
 
 def set_alpha(model, alpha):
@@ -641,7 +642,6 @@ def _train(model, train_set, val_set, cfg, *, device, checkpoint_path, resume, l
     rank, world_size, _ = distributed_context()
     master = rank == 0
     device = torch.device(device)
-    torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     channels_last = device.type == "cuda"
@@ -946,18 +946,16 @@ def robustness_curves(model, batches, args, device):
             for eps in grid:
                 gen = torch.Generator(device).manual_seed(args.seed)
                 attack = make_pgd(norm, eps, eps / 4, args.steps, generator=gen, use_bpda=use_bpda)
-                accs.append(evaluate(model, batches, attack, desc=f"{norm} eps {eps:.3f}"))
+                accs.append(evaluate(model, batches, attack, desc=f"{'BPDA' if use_bpda else 'PGD'} {norm} eps "
+                                     f"{eps * 255 if norm == 'linf' else eps:g}{'/255' if norm == 'linf' else ''}"))
             curves[f"{'bpda' if use_bpda else 'pgd'}-{norm}"] = {"eps": grid, "accuracy": accs}
     return curves
 
 
 def plot_curves(curves, path, title):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("--plot needs matplotlib: pip install matplotlib (the numbers are in --report)") from None
+    import matplotlib      # optional: parse_args has checked that it is installed
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, norm in zip(axes, ("linf", "l2")):
         for kind, style in (("pgd", "-o"), ("bpda", "--s")):
@@ -1056,8 +1054,13 @@ def _alpha_list(text):
     return sorted(set(values) | {0.0})      # alpha = 0 is the reference of the clean-accuracy rule
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):     # one line, not the whole usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train and honestly evaluate a robust CIFAR-10 WideResNet with "
+    p = _Parser(description="Train and honestly evaluate a robust CIFAR-10 WideResNet with "
                                             "MeanSparse.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model-file", default=Net.model_file, help="model file to test, train or calibrate")
     p.add_argument("-f", "--force-train", action="store_true", help="train even if the model file exists")
@@ -1120,6 +1123,8 @@ def parse_args(argv=None):
         p.error("--label-smoothing must be < 1")
     if args.calibrate and args.alpha is not None:
         p.error("--calibrate chooses alpha itself; drop --alpha")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        p.error("--plot needs matplotlib: pip install matplotlib (or drop --plot; --report keeps the numbers)")
     for path in (args.report, args.plot):
         if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
             p.error(f"cannot write {path}: its folder does not exist or is not writable")
@@ -1172,6 +1177,7 @@ def run(args):
         cfg = train_config(args)
         if device.type == "cpu" and args.n_train is None and rank == 0:
             log("note: training on the CPU takes days; use a GPU, or --n-train/--arch for a smoke run")
+        torch.manual_seed(args.seed)        # the initial weights: the same command gives the same model
         model = build_model(cfg.arch).to(device)
         model, info = train(model, load_cifar10(data_dir, "train"), load_cifar10(data_dir, "val"), cfg,
                             device=device, checkpoint_path=checkpoint_path, resume=args.resume, log=log)
@@ -1231,9 +1237,10 @@ def run(args):
                          **settings}
         bpda_note = " (under BPDA)" if name.startswith("aa-") and alpha > 0 else ""
         log(f"{name:14s} {accuracy:6.2f} %  on {len(labels)} images  {results[name]['seconds']:8.1f} s{bpda_note}")
-    report = {"model_file": args.model_file, "model_sha256": file_sha256(args.model_file), "split": args.split,
-              "n": len(labels), "alpha": alpha, "device": device_name(device), "torch": torch.__version__,
+    report = {"model_file": args.model_file, "split": args.split, "n": len(labels), "alpha": alpha,
+              "device": device_name(device), "torch": torch.__version__,
               "command": " ".join(["./model.py"] + sys.argv[1:]), "results": results}
+    ok = True
     if args.sanity:
         ok, report["sanity"] = sanity_checks(model, batches, args, device, log=log)
         log(f"sanity: {'PASS' if ok else 'FAIL'}")
@@ -1243,18 +1250,20 @@ def run(args):
         log(f"wrote {args.plot}")
     if "natural" in results:
         print(f"Model natural accuracy ({args.split}): {results['natural']['accuracy']:.2f}")
-    if args.report:
-        with open(args.report, "w") as f:
-            json.dump(report, f, indent=2)
-        log(f"wrote {args.report}")
     if (train_now or args.calibrate) and args.alpha is None:
         meta["evaluation"] = {k: report[k] for k in ("split", "n", "alpha", "results")}
         model.save(args.model_file, meta)       # record the measured figures with the weights
-    return 0 if not args.sanity or ok else 1
+    if args.report:
+        report["model_sha256"] = file_sha256(args.model_file)
+        with open(args.report, "w") as f:
+            json.dump(report, f, indent=2)
+        log(f"wrote {args.report}")
+    return 0 if ok else 1
 
 
 def main(argv=None):
     signal.signal(signal.SIGTERM, _raise_interrupt)    # SIGTERM stops as cleanly as Ctrl-C
+    args = None
     try:
         args = parse_args(argv)
         return run(args)
@@ -1265,8 +1274,10 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted; a training run keeps its last finished epoch in <model-file>.ckpt: "
-              "repeat the command with --resume to continue", file=sys.stderr)
+        checkpoint = args.model_file + ".ckpt" if args else None
+        hint = (f"; training keeps its last finished epoch in {checkpoint}: repeat the command with --resume"
+                if checkpoint and os.path.exists(checkpoint) else "")
+        print(f"\ninterrupted{hint}", file=sys.stderr)
         return 1
 
 

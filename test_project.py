@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Load the project the way the grading platform does and measure its natural accuracy.
+
+    ./test_project.py                      # the project in this script's folder
+    ../test_project.py ../ --data-dir ../../shared/cifar10
+
+It imports <project>/model.py, builds `Net()`, moves it to the device, calls
+`load_for_testing(project_dir=<project>)`, checks that the model is in eval mode and holds exactly the
+weights of the committed file, then classifies all 1,024 validation images (training images 0..1023,
+as [0,1] tensors, no normalisation outside the model) and prints `Model nat accuracy (test): XX.XX`.
+Exit status 0 when every check passes, 1 otherwise.
+"""
+import argparse
+import importlib.util
+import os
+import pickle
+import sys
+
+import numpy as np
+import torch
+
+NUM_VAL = 1024
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def load_project(project_dir):
+    path = os.path.join(project_dir, "model.py")
+    if not os.path.isfile(path):
+        raise CheckFailed(f"no model.py in {os.path.abspath(project_dir)}")
+    spec = importlib.util.spec_from_file_location("project_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "Net"):
+        raise CheckFailed(f"{path} defines no Net class")
+    if not callable(getattr(module.Net, "load_for_testing", None)):
+        raise CheckFailed(f"{path}: Net has no load_for_testing method")
+    return module
+
+
+def validation_images(data_dir):
+    """Training images 0..1023 as float [0,1] N x 3 x 32 x 32 (what transforms.ToTensor() gives)."""
+    folder = os.path.join(data_dir, "cifar-10-batches-py")
+    if not os.path.isdir(folder):
+        try:
+            import torchvision
+            torchvision.datasets.CIFAR10(data_dir, train=True, download=True)
+        except Exception as e:
+            raise CheckFailed(f"no CIFAR-10 in {folder} and downloading it failed ({e.__class__.__name__}); "
+                              f"pass --data-dir or set CIFAR10_DIR") from None
+    with open(os.path.join(folder, "data_batch_1"), "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    images = np.asarray(batch[b"data"][:NUM_VAL], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    labels = np.asarray(batch[b"labels"][:NUM_VAL], dtype=np.int64)
+    return torch.from_numpy(images).float() / 255, torch.from_numpy(labels)
+
+
+def check_weights(net, weights_path):
+    """The net must hold exactly the file's tensors (float16 weights read back to float32 are exact)."""
+    payload = torch.load(weights_path, map_location="cpu", weights_only=True)
+    stored = payload["state_dict"] if isinstance(payload, dict) and "state_dict" in payload else payload
+    current = net.state_dict()
+    for name, value in stored.items():
+        if name not in current:
+            raise CheckFailed(f"{weights_path}: entry {name} is not in the loaded model")
+        if not torch.equal(current[name].detach().cpu().to(value.dtype), value):
+            raise CheckFailed(f"loaded weights differ from {weights_path} at {name}")
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    p = argparse.ArgumentParser(description="Check the project the way the grading platform loads it.")
+    p.add_argument("project_dir", nargs="?", default=here, help="folder holding model.py (default: this script's)")
+    p.add_argument("--data-dir", default=os.environ.get("CIFAR10_DIR", "./data"),
+                   help="folder holding cifar-10-batches-py/ (default $CIFAR10_DIR, else ./data)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    try:
+        module = load_project(args.project_dir)
+        weights_path = os.path.join(args.project_dir, module.Net.model_file)
+        if not os.path.isfile(weights_path):
+            raise CheckFailed(f"no weights at {weights_path}")
+        net = module.Net().to(args.device)
+        net.load_for_testing(project_dir=args.project_dir)
+        if net.training:
+            raise CheckFailed("load_for_testing left the model in train mode; call self.eval()")
+        check_weights(net, weights_path)
+        images, labels = validation_images(args.data_dir)
+        correct = 0
+        with torch.no_grad():
+            for i in range(0, len(labels), args.batch_size):
+                x = images[i:i + args.batch_size].to(args.device)
+                correct += (net(x).argmax(1).cpu() == labels[i:i + args.batch_size]).sum().item()
+    except CheckFailed as e:
+        print(f"FAILED: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:      # the platform would fail here too: say so in one line
+        print(f"FAILED: {e.__class__.__name__}: {e}", file=sys.stderr)
+        return 1
+    print(f"Model nat accuracy (test): {100.0 * correct / len(labels):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
