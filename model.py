@@ -84,7 +84,7 @@ def _read_batches(folder, names):
                 batch = pickle.load(f, encoding="bytes")
             images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
-        except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
+        except Exception as e:      # unpickling a damaged file can raise almost anything
             raise UserError(f"{path}: not a readable CIFAR-10 batch ({e.__class__.__name__}: {e}); "
                             f"delete the folder to download it again") from None
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
@@ -659,7 +659,7 @@ def _train(model, train_set, val_set, cfg, *, device, checkpoint_path, resume, l
     if len(batches) == 0:
         raise UserError(f"{len(labels)} training images make no batch of {cfg.batch_size}; "
                         f"lower --batch-size or raise --n-train")
-    val_batches = Batches(*val_set, 512, device=device) if master else None
+    val_batches = Batches(*val_set, cfg.batch_size, device=device, channels_last=channels_last) if master else None
 
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
@@ -672,7 +672,7 @@ def _train(model, train_set, val_set, cfg, *, device, checkpoint_path, resume, l
     if resume:
         if not os.path.isfile(checkpoint_path):
             raise UserError(f"--resume: no checkpoint {checkpoint_path}; run without --resume to start")
-        ckpt = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)   # RNG states stay on the CPU
         changed = {k: (ckpt["config"].get(k), v) for k, v in config.items()
                    if k not in ("compile", "val_every") and ckpt["config"].get(k) != v}
         if changed:
@@ -691,6 +691,9 @@ def _train(model, train_set, val_set, cfg, *, device, checkpoint_path, resume, l
         history, elapsed = list(ckpt["history"]), ckpt["elapsed"]
         if master:
             log(f"resuming {checkpoint_path} after epoch {start_epoch} of {total_epochs}")
+    elif master and os.path.isfile(checkpoint_path):
+        log(f"note: starting over; {checkpoint_path} (an unfinished run) will be overwritten. Ctrl-C and add "
+            f"--resume to continue it instead")
 
     ddp_model = model
     if world_size > 1:
@@ -729,8 +732,9 @@ def _train(model, train_set, val_set, cfg, *, device, checkpoint_path, resume, l
             if (i + 1) % 20 == 0 or i + 1 == steps_per_epoch:
                 mean_loss = loss_sum.item() / seen        # the one host sync, every 20 steps
                 if not math.isfinite(mean_loss):
-                    raise TrainingError(f"loss became {mean_loss} in epoch {epoch + 1}; lower --lr "
-                                        f"(now {cfg.lr}); the last good epoch is in {checkpoint_path}")
+                    kept = f"; the last good epoch is in {checkpoint_path}" if epoch > 0 else ""
+                    raise TrainingError(f"loss became {mean_loss} in epoch {epoch + 1}: lower --lr "
+                                        f"(now {cfg.lr}){kept}")
                 bar.set_postfix(loss=f"{mean_loss:.3f}", adv_acc=f"{100 * correct.item() / seen:.1f}",
                                 img_s=f"{seen * world_size / (time.perf_counter() - t0):.0f}", lr=f"{lr:.3f}")
         bar.close()
@@ -773,7 +777,7 @@ def _train(model, train_set, val_set, cfg, *, device, checkpoint_path, resume, l
             "world_size": world_size, "device": device_name(device), "config": config,
             "history": history, "weights": "final"}
     if world_size > 1:
-        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().view(1)
+        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()])   # one per tensor
         gathered = [torch.zeros_like(checksum) for _ in range(world_size)]
         torch.distributed.all_gather(gathered, checksum)
         info["ranks_agree"] = all(torch.equal(g, checksum) for g in gathered)
@@ -1170,6 +1174,9 @@ def run(args):
     log = print if rank == 0 else (lambda *a, **k: None)
     checkpoint_path = args.model_file + ".ckpt"
     train_now = args.force_train or not os.path.exists(args.model_file)
+    if train_now and args.alpha and not args.calibrate:
+        raise UserError("--alpha needs MeanSparse statistics, which a newly trained model gets only with "
+                        "--calibrate")
     meta = {}
     if train_now:
         if not args.force_train:

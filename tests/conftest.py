@@ -1,0 +1,147 @@
+"""Shared fixtures for the model.py test suite.
+
+Everything here is deterministic (fixed seeds) and cheap: logic tests use WRN-10-1 models and a few
+hundred images; only a few end-to-end tests touch the committed WRN-28-4.
+"""
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.dont_write_bytecode = True          # importing model.py must not write __pycache__ into the repo
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import model as M  # noqa: E402
+
+# On this 2-core machine one intra-op thread is several times faster than two for small models.
+torch.set_num_threads(1)
+
+COMMITTED = REPO / "models" / "default_model.pth"
+
+
+def _sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _resolve_data_dir():
+    """$CIFAR10_DIR as an absolute path (CI gives it relative to the repo root), else <repo>/../shared/cifar10."""
+    value = os.environ.get("CIFAR10_DIR")
+    candidates = []
+    if value:
+        if os.path.isabs(value):
+            candidates.append(Path(value))
+        else:
+            candidates += [REPO / value, Path.cwd() / value]
+    candidates.append(REPO.parent / "shared" / "cifar10")
+    for c in candidates:
+        if (c / "cifar-10-batches-py").is_dir():
+            return c.resolve()
+    raise RuntimeError(f"no cifar-10-batches-py under any of {[str(c) for c in candidates]}; set CIFAR10_DIR")
+
+
+@pytest.fixture(scope="session")
+def repo_root():
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def committed_model_file():
+    return COMMITTED
+
+
+@pytest.fixture(scope="session", autouse=True)
+def committed_model_untouched():
+    """Guard: no test may change the committed weights."""
+    before = _sha256(COMMITTED)
+    yield
+    assert _sha256(COMMITTED) == before, "the test suite modified models/default_model.pth"
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    return _resolve_data_dir()
+
+
+@pytest.fixture(scope="session")
+def splits(data_dir):
+    """The three splits, loaded once (uint8 images, int64 labels)."""
+    return {name: M.load_cifar10(str(data_dir), name) for name in ("train", "val", "test")}
+
+
+@pytest.fixture(scope="session")
+def val_set(splits):
+    return splits["val"]
+
+
+@pytest.fixture(scope="session")
+def train_set(splits):
+    return splits["train"]
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_state(splits, tmp_path_factory):
+    """State dict of a WRN-10-1 trained naturally (no attack) for 8 epochs on 1,024 training images:
+    about 30 % accuracy, far above chance, with no robustness at all."""
+    torch.manual_seed(0)
+    net = M.WideResNet(10, 1)
+    images, labels = splits["train"]
+    val_images, val_labels = splits["val"]
+    cfg = M.TrainConfig(arch="10-1", epochs=8, batch_size=128, lr=0.1, warmup_epochs=1, attack_steps=0,
+                        n_train=1024, val_every=100, seed=0)
+    ckpt = tmp_path_factory.mktemp("tiny") / "tiny.ckpt"
+    net, _ = M.train(net, (images, labels), (val_images[:64], val_labels[:64]), cfg, device="cpu",
+                     checkpoint_path=str(ckpt), log=lambda *a, **k: None)
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+@pytest.fixture
+def tiny_trained(tiny_trained_state):
+    """A fresh copy (eval mode) of the tiny trained WRN-10-1 for each test."""
+    net = M.WideResNet(10, 1)
+    net.load_state_dict(tiny_trained_state)
+    return net.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_file(tiny_trained_state, tmp_path_factory):
+    """The tiny trained WRN-10-1 written with Net.save (read-only use: copy it before writing)."""
+    net = M.WideResNet(10, 1)
+    net.load_state_dict(tiny_trained_state)
+    path = tmp_path_factory.mktemp("tinyfile") / "tiny.pth"
+    net.save(str(path), {"note": "tiny test model"})
+    return path
+
+
+def subprocess_env(data_dir):
+    env = dict(os.environ)
+    env["CIFAR10_DIR"] = str(data_dir)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def run_cli(data_dir):
+    """run_cli(*args, timeout=...) -> CompletedProcess of `python model.py args` with cwd = repo root."""
+    def run(*args, timeout=300, cwd=REPO):
+        return subprocess.run([sys.executable, str(REPO / "model.py"), *map(str, args)], cwd=cwd,
+                              env=subprocess_env(data_dir), capture_output=True, text=True, timeout=timeout)
+    return run
+
+
+@pytest.fixture(scope="session")
+def run_python(data_dir):
+    """run_python(argv, cwd) -> CompletedProcess of `python argv...` (any script), same environment."""
+    def run(argv, cwd, timeout=300):
+        return subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, env=subprocess_env(data_dir),
+                              capture_output=True, text=True, timeout=timeout)
+    return run

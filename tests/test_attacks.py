@@ -1,0 +1,310 @@
+"""Attacks: pgd (both norms), projection, restarts, side effects, strength, BPDA, make_pgd/evaluate."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import model as M
+
+EPS_LINF = 8 / 255
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _linear_model(seed=0, shape=(3, 8, 8), classes=10):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), classes)).eval()
+
+
+def _inputs(n=32, shape=(3, 8, 8), seed=0):
+    g = _gen(seed)
+    x = torch.rand(n, *shape, generator=g)
+    x[:, 0, 0, 0] = 0.0          # pixels on the box's faces: the clamp must hold them
+    x[:, 0, 0, 1] = 1.0
+    y = torch.randint(0, 10, (n,), generator=g)
+    return x, y
+
+
+@pytest.fixture
+def wrn():
+    torch.manual_seed(0)
+    return M.WideResNet(10, 1).eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Constraints and projection
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("norm, eps", [("linf", EPS_LINF), ("l2", 0.5)])
+def test_pgd_stays_in_the_eps_ball_and_in_the_unit_box(wrn, norm, eps):
+    x, y = _inputs(16, (3, 32, 32))
+    x_adv = M.pgd(wrn, x, y, norm=norm, eps=eps, step_size=eps / 2, steps=4, generator=_gen(0))
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and not x_adv.requires_grad
+    assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+    delta = x_adv - x
+    if norm == "linf":
+        assert float(delta.abs().max()) <= eps + 1e-6
+        assert float(delta.abs().max()) >= eps - 1e-6            # the attack does use the budget
+    else:
+        norms = delta.flatten(1).norm(dim=1)
+        assert bool((norms <= eps + 1e-5).all())
+        assert float(norms.max()) >= 0.9 * eps
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_random_start_alone_is_in_the_ball(norm):
+    x, y = _inputs(64)
+    eps = EPS_LINF if norm == "linf" else 0.5
+    x_adv = M.pgd(_linear_model(), x, y, norm=norm, eps=eps, step_size=0.1, steps=0, generator=_gen(0))
+    delta = x_adv - x
+    assert float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
+    if norm == "linf":
+        assert float(delta.abs().max()) <= eps + 1e-6
+    else:
+        assert float(delta.flatten(1).norm(dim=1).max()) <= eps + 1e-5
+    assert float(delta.abs().max()) > 0                               # it did move
+
+
+def test_l2_projection_matches_the_closed_form():
+    g = _gen(0)
+    delta = torch.randn(20, 3, 4, 4, generator=g) * torch.linspace(0.01, 2.0, 20).view(-1, 1, 1, 1)
+    eps = 0.5
+    norms = delta.flatten(1).norm(dim=1)
+    assert (norms < eps).any() and (norms > eps).any()
+    expected = delta * torch.clamp(eps / norms, max=1.0).view(-1, 1, 1, 1)
+    got = M._project(delta, "l2", eps)
+    assert torch.allclose(got, expected, rtol=1e-6, atol=1e-7)
+    inside = norms < eps
+    assert torch.equal(got[inside], delta[inside])                    # inside the ball: untouched
+    assert torch.allclose(got[~inside].flatten(1).norm(dim=1), torch.full(((~inside).sum(),), eps), atol=1e-6)
+    # L-inf projection is the clamp
+    assert torch.equal(M._project(delta, "linf", 0.3), delta.clamp(-0.3, 0.3))
+
+
+def test_eps_zero_returns_the_input():
+    x, y = _inputs()
+    for norm in ("linf", "l2"):
+        x_adv = M.pgd(_linear_model(), x, y, norm=norm, eps=0.0, step_size=0.1, steps=3, generator=_gen(0))
+        assert torch.equal(x_adv, x)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Side effects and repeatability
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("training", [False, True])
+def test_pgd_leaves_mode_and_grads_alone(wrn, training):
+    wrn.train(training)
+    x, y = _inputs(8, (3, 32, 32))
+    M.pgd(wrn, x, y, norm="linf", eps=EPS_LINF, step_size=EPS_LINF / 4, steps=2, restarts=2, generator=_gen(0))
+    assert all(m.training == training for m in wrn.modules())
+    assert all(p.grad is None for p in wrn.parameters())
+    # an existing .grad is left exactly as it was
+    for p in wrn.parameters():
+        p.grad = torch.full_like(p, 0.25)
+    M.pgd(wrn, x, y, norm="l2", eps=0.5, step_size=0.1, steps=2, generator=_gen(0))
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.25)) for p in wrn.parameters())
+    assert all(m.training == training for m in wrn.modules())
+
+
+def test_pgd_does_not_modify_its_input_and_detaches():
+    model = _linear_model()
+    x, y = _inputs()
+    x_req = x.clone().requires_grad_(True)
+    out = M.pgd(model, x_req, y, norm="linf", eps=0.1, step_size=0.05, steps=2, generator=_gen(0))
+    assert torch.equal(x_req.detach(), x) and x_req.grad is None
+    assert out.grad_fn is None and not out.requires_grad
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_generator_makes_pgd_repeatable(wrn, norm):
+    x, y = _inputs(8, (3, 32, 32))
+    kw = dict(norm=norm, eps=EPS_LINF if norm == "linf" else 0.5, step_size=0.01, steps=2)
+    a = M.pgd(wrn, x, y, generator=_gen(5), **kw)
+    b = M.pgd(wrn, x, y, generator=_gen(5), **kw)
+    c = M.pgd(wrn, x, y, generator=_gen(6), **kw)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    d = M.pgd(wrn, x, y, random_start=False, **kw)
+    e = M.pgd(wrn, x, y, random_start=False, generator=_gen(99), **kw)
+    assert torch.equal(d, e)                                          # no random start: no randomness
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(eps=-0.1), dict(norm="l1"), dict(norm="Linf"), dict(steps=-1), dict(step_size=-0.01), dict(restarts=0),
+])
+def test_invalid_arguments_raise_value_error(kwargs):
+    x, y = _inputs(4)
+    args = dict(norm="linf", eps=0.1, step_size=0.01, steps=1)
+    args.update(kwargs)
+    with pytest.raises(ValueError):
+        M.pgd(_linear_model(), x, y, **args)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Restarts keep the worst case
+# ----------------------------------------------------------------------------------------------------
+class ScriptedModel(nn.Module):
+    """Returns pre-set logits on its k-th call and records what it was given."""
+
+    def __init__(self, logits_per_call):
+        super().__init__()
+        self.logits_per_call = logits_per_call
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return self.logits_per_call[len(self.inputs) - 1].clone()
+
+
+def test_restarts_keep_misclassified_first_then_highest_loss():
+    # 3 classes, true class 0 for every example. Losses: [0.1,0,0.05] 1.05 correct; [0.5,0.6,-5] 0.74 wrong;
+    # [3,0,0] 0.10 correct; [1,0,0] 0.55 correct; [2,0,0] 0.24 correct; [0,1,0] 1.55, [0,2,0] 2.13,
+    # [0,3,0] 3.10 wrong.
+    C1, W1, C2, C3, C4 = [0.1, 0, 0.05], [0.5, 0.6, -5], [3, 0, 0], [1, 0, 0], [2, 0, 0]
+    Wa, Wb, Wc = [0, 1, 0], [0, 2, 0], [0, 3, 0]
+    table = [   # restart -> logits of examples 0..3
+        [C1, C2, Wa, W1],
+        [W1, C3, Wc, C1],
+        [C2, C4, Wb, C3],
+    ]
+    expected = [1, 1, 1, 0]      # wrong beats a correct with a higher loss; then the highest loss; ties: first
+    model = ScriptedModel([torch.tensor(t, dtype=torch.float32) for t in table])
+    x = torch.rand(4, 3, 4, 4, generator=_gen(0))
+    y = torch.zeros(4, dtype=torch.long)
+    losses = [F.cross_entropy(torch.tensor(t, dtype=torch.float32), y, reduction="none") for t in table]
+    assert losses[0][0] > losses[1][0]                   # the wrong one of example 0 has the lower loss
+    x_adv = M.pgd(model, x, y, norm="linf", eps=0.1, step_size=0.0, steps=0, restarts=3, generator=_gen(1))
+    assert len(model.inputs) == 3
+    candidates = model.inputs
+    assert not torch.equal(candidates[0], candidates[1])
+    for i, k in enumerate(expected):
+        assert torch.equal(x_adv[i], candidates[k][i]), f"example {i}: expected restart {k}"
+
+
+def test_restarts_return_the_worst_of_the_single_runs():
+    """With a real gradient: restarts=R gives, per example, the worst of R single runs drawn from the same
+    generator stream."""
+    model = _linear_model(seed=3)
+    x, y = _inputs(64, seed=3)
+    kw = dict(norm="linf", eps=0.05, step_size=0.01, steps=2)
+    g = _gen(42)
+    singles = [M.pgd(model, x, y, generator=g, **kw) for _ in range(4)]
+    best = M.pgd(model, x, y, restarts=4, generator=_gen(42), **kw)
+    with torch.no_grad():
+        scores = []
+        for s in singles:
+            logits = model(s)
+            scores.append((logits.argmax(1) != y, F.cross_entropy(logits, y, reduction="none")))
+        best_logits = model(best)
+        best_wrong = best_logits.argmax(1) != y
+        best_loss = F.cross_entropy(best_logits, y, reduction="none")
+    chosen = []
+    for i in range(len(y)):
+        match = [k for k, s in enumerate(singles) if torch.equal(best[i], s[i])]
+        assert match, f"example {i} is none of the single runs"
+        top = max((bool(w[i]), float(l[i])) for w, l in scores)
+        assert (bool(best_wrong[i]), float(best_loss[i])) == pytest.approx(top)
+        chosen.append(match[0])
+    assert len(set(chosen)) > 1                       # the selection is observable: not always restart 0
+    assert bool((best_loss >= scores[0][1] - 1e-6).all())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Strength
+# ----------------------------------------------------------------------------------------------------
+def _accuracy_and_loss(model, x, y):
+    with torch.no_grad():
+        logits = model(x)
+    return 100.0 * (logits.argmax(1) == y).float().mean().item(), F.cross_entropy(logits, y).item()
+
+
+def test_pgd_breaks_a_non_robust_model_and_beats_one_fgsm_step(tiny_trained, val_set):
+    x = val_set[0][:192].float() / 255
+    y = val_set[1][:192]
+    nat, nat_loss = _accuracy_and_loss(tiny_trained, x, y)
+    assert nat >= 20.0                                                # well above chance (10 %)
+    fgsm = M.pgd(tiny_trained, x, y, norm="linf", eps=EPS_LINF, step_size=EPS_LINF, steps=1, random_start=False)
+    pgd = M.pgd(tiny_trained, x, y, norm="linf", eps=EPS_LINF, step_size=EPS_LINF / 4, steps=10,
+                generator=_gen(0))
+    fgsm_acc, fgsm_loss = _accuracy_and_loss(tiny_trained, fgsm, y)
+    pgd_acc, pgd_loss = _accuracy_and_loss(tiny_trained, pgd, y)
+    assert fgsm_acc < nat and fgsm_loss > nat_loss
+    assert pgd_acc <= 5.0 and pgd_acc <= nat - 15.0
+    assert pgd_acc <= fgsm_acc and pgd_loss >= fgsm_loss
+    l2 = M.pgd(tiny_trained, x, y, norm="l2", eps=0.5, step_size=0.125, steps=10, generator=_gen(0))
+    l2_acc, l2_loss = _accuracy_and_loss(tiny_trained, l2, y)
+    assert l2_acc <= nat - 10.0 and l2_loss > nat_loss
+
+
+def test_committed_model_is_robust_but_not_invulnerable(committed_model_file, val_set):
+    net = M.Net().load_for_testing(str(committed_model_file.parent.parent))
+    x = val_set[0][:24].float() / 255
+    y = val_set[1][:24]
+    nat, _ = _accuracy_and_loss(net, x, y)
+    big = 32 / 255
+    adv = M.make_pgd("linf", big, big / 3, 3, generator=_gen(0), use_bpda=True)(net, x, y)
+    adv_acc, _ = _accuracy_and_loss(net, adv, y)
+    assert nat >= 70.0
+    assert adv_acc <= nat - 40.0                                        # a large eps must break it
+    assert not net.training and all(m.mode == "mask" for m in M.meansparse_modules(net))
+
+
+# ----------------------------------------------------------------------------------------------------
+# BPDA through a masked gradient
+# ----------------------------------------------------------------------------------------------------
+def _masked_model():
+    torch.manual_seed(0)
+    sparse = M.MeanSparse(3)
+    sparse.mean.fill_(0.5)
+    sparse.alpha.fill_(1e6)                     # every input inside the band: output constant, grad 0
+    return nn.Sequential(sparse, nn.Flatten(), nn.Linear(3 * 8 * 8, 10)).eval()
+
+
+def test_bpda_gives_a_gradient_where_the_plain_one_is_zero():
+    model = _masked_model()
+    x, y = _inputs(8)
+    x.requires_grad_(True)
+    grad, = torch.autograd.grad(M.cross_entropy_sum(model(x), y), x)
+    assert float(grad.abs().max()) == 0.0
+    with M.bpda(model):
+        grad, = torch.autograd.grad(M.cross_entropy_sum(model(x), y), x)
+    assert float(grad.abs().max()) > 0.0
+    x = x.detach()
+    plain = M.pgd(model, x, y, norm="linf", eps=0.1, step_size=0.05, steps=3, random_start=False)
+    assert torch.equal(plain, x)                                # nothing to follow
+    through = M.make_pgd("linf", 0.1, 0.05, 3, use_bpda=True)(model, x, y)
+    assert float((through - x).abs().max()) == pytest.approx(0.1, abs=1e-6)
+    assert model[0].mode == "mask"
+
+
+# ----------------------------------------------------------------------------------------------------
+# make_pgd / evaluate
+# ----------------------------------------------------------------------------------------------------
+def test_make_pgd_crafts_at_another_alpha_and_restores_it(wrn):
+    M.set_alpha(wrn, 0.3)
+    seen = []
+    h = wrn.sparse.register_forward_pre_hook(lambda m, i: seen.append((float(m.alpha), m.mode)))
+    x, y = _inputs(4, (3, 32, 32))
+    M.make_pgd("linf", EPS_LINF, EPS_LINF / 4, 2, generator=_gen(0), use_bpda=True, craft_alpha=0.0)(wrn, x, y)
+    h.remove()
+    assert seen == [(0.0, "bpda")] * 2
+    assert M.get_alpha(wrn) == 0.3 and wrn.sparse.mode == "mask"
+
+
+def test_evaluate_counts_correct_predictions():
+    model = ScriptedModel([torch.eye(10)[[1, 2, 3]], torch.eye(10)[[4, 5]]])
+    batches = [(torch.zeros(3, 1), torch.tensor([1, 0, 3])), (torch.zeros(2, 1), torch.tensor([4, 5]))]
+    assert M.evaluate(model, batches, verbose=False) == pytest.approx(80.0)
+    calls = []
+
+    def attack(m, x, y):
+        calls.append(len(y))
+        return x
+
+    model = ScriptedModel([torch.eye(10)[[1, 2, 3]], torch.eye(10)[[4, 5]]])
+    assert M.evaluate(model, batches, attack, verbose=False) == pytest.approx(80.0)
+    assert calls == [3, 2]
+    assert M.evaluate(model, [], verbose=False) == 0.0

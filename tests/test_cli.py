@@ -1,0 +1,323 @@
+"""CLI: argument checks (in process, cheap) and a few end-to-end `python model.py ...` runs (subprocess)."""
+import argparse
+import hashlib
+import importlib.util
+import json
+import math
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import model as M
+from conftest import subprocess_env
+
+
+def _sha256(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def _stderr_lines(result):
+    """stderr without tqdm's carriage-return progress redraws."""
+    lines = []
+    for line in result.stderr.splitlines():
+        line = line.split("\r")[-1].strip()
+        if line:
+            lines.append(line)
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------
+# parse_args in process
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["--bogus"], "unrecognized arguments"),
+    (["--eps-linf", "-1"], "must be >= 0"),
+    (["--eps-l2", "x"], "not a number"),
+    (["--eval", "natural,foo"], "unknown attack foo"),
+    (["--eval", ","], "unknown attack"),
+    (["--n-eval", "0"], "must be > 0"),
+    (["--steps", "-1"], "--steps must be >= 0"),
+    (["-e", "3", "--time-budget", "5"], "not both"),
+    (["--time-budget", "0"], "--time-budget must be > 0"),
+    (["--ema", "1.5"], "--ema must be between 0 and 1"),
+    (["--label-smoothing", "1"], "--label-smoothing must be < 1"),
+    (["--calibrate", "--alpha", "0.1"], "drop --alpha"),
+    (["--alpha-grid", "0.1,-0.2"], "alphas must be >= 0"),
+    (["--report", "/no/such/folder/r.json"], "cannot write /no/such/folder/r.json"),
+    (["--device", "tpu"], "invalid choice"),
+])
+def test_parse_args_rejects_bad_arguments_with_status_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        M.parse_args(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_parse_args_defaults_and_conversions():
+    args = M.parse_args([])
+    assert args.model_file == "models/default_model.pth"
+    assert args.eval == ["natural"] and args.split == "test" and args.steps == M.EVAL_STEPS
+    assert args.eps_linf == M.EPS_LINF and args.eps_l2 == M.EPS_L2
+    assert args.alpha_grid == [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4]
+    args = M.parse_args(["--eps-linf", "4/255", "--eval", " natural , bpda-l2", "--alpha-grid", "0.3,0.1,0.1"])
+    assert args.eps_linf == pytest.approx(4 / 255)
+    assert args.eval == ["natural", "bpda-l2"]
+    assert args.alpha_grid == [0.0, 0.1, 0.3]                      # sorted, de-duplicated, 0 added
+
+
+def test_plot_needs_matplotlib_or_is_accepted(tmp_path, capsys):
+    argv = ["--plot", str(tmp_path / "c.png")]
+    if importlib.util.find_spec("matplotlib") is None:
+        with pytest.raises(SystemExit) as info:
+            M.parse_args(argv)
+        assert info.value.code == 2 and "--plot needs matplotlib" in capsys.readouterr().err
+    else:
+        assert M.parse_args(argv).plot == str(tmp_path / "c.png")
+
+
+def test_train_config_from_args():
+    cfg = M.train_config(M.parse_args(["--arch", "10-1", "--n-train", "256", "--lr", "0.1", "--ema", "0.99"]))
+    assert cfg.epochs == 30 and cfg.time_budget is None and cfg.arch == "10-1" and cfg.n_train == 256
+    assert cfg.lr == 0.1 and cfg.ema == 0.99 and cfg.attack_steps == 5
+    cfg = M.train_config(M.parse_args(["--time-budget", "7"]))
+    assert cfg.epochs is None and cfg.time_budget == 7.0
+    assert M.train_config(M.parse_args(["-e", "4"])).epochs == 4
+
+
+def test_attack_settings_follow_the_arguments():
+    args = M.parse_args(["--steps", "7", "--restarts", "2", "--eps-l2", "0.25", "--step-linf", "1/255"])
+    s = M.attack_settings("bpda-linf", args)
+    assert s == {"norm": "linf", "eps": M.EPS_LINF, "step_size": pytest.approx(1 / 255), "steps": 7,
+                 "restarts": 2, "bpda": True, "crafted_at_alpha": None}
+    s = M.attack_settings("pgd-l2", args)
+    assert s["eps"] == 0.25 and s["step_size"] == 0.0625 and s["bpda"] is False
+    assert M.attack_settings("transfer-linf", args)["crafted_at_alpha"] == 0.0
+    assert M.attack_settings("natural", args) == {}
+
+
+def test_sanity_checks_fail_when_the_attack_cannot_move_the_model(tiny_trained, val_set):
+    """A model whose every MeanSparse maps everything to the mean: no attack can change its output,
+    so 'about 0 at 64/255' must FAIL (and the whole check with it)."""
+    M.set_alpha(tiny_trained, 1e6)
+    batches = M.Batches(val_set[0][:32], val_set[1][:32], 32, device="cpu")
+    lines = []
+    ok, details = M.sanity_checks(tiny_trained, batches, argparse.Namespace(seed=0, steps=1), "cpu",
+                                  log=lines.append)
+    assert ok is False
+    assert details["checks"]["about 0 at eps 64/255"] is False
+    assert len(set(details["accuracy"])) == 1                        # flat: the attack does nothing
+    assert "  FAIL  about 0 at eps 64/255" in lines
+
+
+# ----------------------------------------------------------------------------------------------------
+# Subprocess: exit statuses and messages
+# ----------------------------------------------------------------------------------------------------
+def test_help_exits_0(run_cli):
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "--model-file" in result.stdout and "--calibrate" in result.stdout and "--force-train" in result.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--eps-linf", "-0.1"], "must be >= 0"),
+    (["--eval", "pgd-l3"], "unknown attack pgd-l3"),
+    (["--n-eval", "0"], "must be > 0"),
+    (["--report", "/nonexistent-dir/r.json"], "cannot write"),
+])
+def test_bad_arguments_exit_2(run_cli, argv, message):
+    result = run_cli(*argv)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert result.stdout == ""
+
+
+def test_corrupt_model_file_exits_2_with_one_line(run_cli, tmp_path):
+    bad = tmp_path / "corrupt.pth"
+    bad.write_bytes(bytes(range(256)) * 40)
+    result = run_cli("--model-file", bad, "--n-eval", "16")
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and str(bad) in lines[0]
+    assert result.stdout == ""
+
+
+def test_resume_without_checkpoint_exits_2(run_cli, tmp_path, tiny_model_file):
+    model_file = tmp_path / "m.pth"
+    result = run_cli("--force-train", "--resume", "-e", "1", "--arch", "10-1", "--n-train", "256",
+                     "--batch-size", "128", "--device", "cpu", "--model-file", model_file)
+    assert result.returncode == 2
+    assert _stderr_lines(result)[-1].startswith("error: --resume: no checkpoint")
+    assert str(model_file) + ".ckpt" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+    # --resume without --force-train on an existing model is refused as well
+    result = run_cli("--resume", "--model-file", tiny_model_file)
+    assert result.returncode == 2 and "error: --resume continues training: add --force-train" in result.stderr
+
+
+def test_alpha_without_calibration_exits_2(run_cli, tiny_model_file):
+    result = run_cli("--model-file", tiny_model_file, "--alpha", "0.2", "--n-eval", "16")
+    assert result.returncode == 2
+    assert "run --calibrate first" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# Subprocess: end-to-end runs
+# ----------------------------------------------------------------------------------------------------
+def test_eval_report_on_the_committed_model(run_cli, tmp_path, committed_model_file, data_dir):
+    report_path = tmp_path / "r.json"
+    attacks = ["natural", "pgd-linf", "bpda-linf", "pgd-l2", "bpda-l2"]
+    result = run_cli("--eval", ",".join(attacks), "--n-eval", "16", "--steps", "2", "--report", report_path,
+                     "--data-dir", data_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    match = re.search(r"^Model natural accuracy \(test\): (\d+\.\d\d)$", result.stdout, re.M)
+    assert match, result.stdout
+    report = json.loads(report_path.read_text())
+    assert {"model_file", "model_sha256", "split", "n", "alpha", "device", "torch", "results"} <= set(report)
+    assert report["model_file"] == "models/default_model.pth"
+    assert report["model_sha256"] == _sha256(committed_model_file)
+    assert report["split"] == "test" and report["n"] == 16 and report["alpha"] == 0.35
+    assert report["device"] == "cpu" and report["torch"] == torch.__version__
+    results = report["results"]
+    assert list(results) == attacks
+    for name in attacks:
+        r = results[name]
+        assert r["n"] == 16 and r["seconds"] >= 0
+        assert 0 <= r["accuracy"] <= 100 and (r["accuracy"] * 16 / 100) == pytest.approx(round(r["accuracy"] * 16 / 100))
+    assert float(match.group(1)) == pytest.approx(results["natural"]["accuracy"], abs=0.005)
+    assert results["natural"]["accuracy"] >= 60.0
+    for name in attacks[1:]:
+        r = results[name]
+        assert r["steps"] == 2 and r["bpda"] == name.startswith("bpda") and r["restarts"] == 1
+        assert r["norm"] == name.split("-")[1]
+        assert r["eps"] == pytest.approx(8 / 255 if r["norm"] == "linf" else 0.5)
+        assert r["step_size"] == pytest.approx(r["eps"] / 4)
+        assert r["accuracy"] <= results["natural"]["accuracy"]
+    for name in attacks:
+        assert re.search(rf"^{name}\s+\d+\.\d\d %\s+on 16 images", result.stdout, re.M), name
+
+
+def test_calibrate_a_copy_of_the_committed_model(run_cli, tmp_path, committed_model_file, data_dir):
+    copy = tmp_path / "copy.pth"
+    shutil.copyfile(committed_model_file, copy)
+    original = torch.load(committed_model_file, weights_only=True)
+    result = run_cli("--calibrate", "--model-file", copy, "--n-train", "256", "--n-eval", "16", "--steps", "1",
+                     "--alpha-grid", "0,0.1,0.2", "--data-dir", data_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "chosen alpha" in result.stdout and f"saved {copy}" in result.stdout
+    payload = torch.load(copy, weights_only=True)
+    cal = payload["meta"]["calibration"]
+    assert cal["alpha"] in (0.0, 0.1, 0.2)
+    assert payload["alpha"] == cal["alpha"]
+    assert [row["alpha"] for row in cal["sweep"]] == [0.0, 0.1, 0.2]
+    assert cal["n_train"] == 256 and cal["n_val"] == 16 and cal["steps"] == 1 and cal["criterion"] == "bpda"
+    assert cal["alpha"] == M.choose_alpha(cal["sweep"])
+    assert payload["meta"]["training"] == original["meta"]["training"]        # kept
+    assert payload["meta"]["evaluation"]["alpha"] == cal["alpha"]
+    assert payload["meta"]["evaluation"]["n"] == 16
+    # new statistics (256 images, not the full training split), same weights
+    state, old = payload["state_dict"], original["state_dict"]
+    assert not torch.equal(state["block1.layer.0.sparse1.mean"], old["block1.layer.0.sparse1.mean"])
+    assert torch.equal(state["conv1.weight"], old["conv1.weight"])
+    loaded = M.load_model(str(copy))
+    assert M.get_alpha(loaded) == cal["alpha"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.pth"]
+
+
+TRAIN_ARGS = ["--force-train", "-e", "2", "--arch", "10-1", "--n-train", "256", "--batch-size", "128",
+              "--train-steps", "1", "--device", "cpu", "--n-eval", "16"]
+
+
+@pytest.fixture(scope="module")
+def cli_trained(run_cli, tmp_path_factory, data_dir):
+    """One uninterrupted CLI training run: (folder, model file, report file, CompletedProcess)."""
+    folder = tmp_path_factory.mktemp("cli_train")
+    model_file, report = folder / "tiny.pth", folder / "r.json"
+    result = run_cli(*TRAIN_ARGS, "--model-file", model_file, "--report", report, "--data-dir", data_dir)
+    return folder, model_file, report, result
+
+
+def test_force_train_tiny_model_writes_file_and_removes_checkpoint(cli_trained):
+    folder, model_file, report, result = cli_trained
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"^epoch 1/2: loss \d+\.\d+", result.stdout, re.M)
+    assert re.search(r"^epoch 2/2: loss \d+\.\d+.*val clean", result.stdout, re.M)
+    assert f"saved {model_file}" in result.stdout
+    assert sorted(p.name for p in folder.iterdir()) == ["r.json", "tiny.pth"]      # .ckpt removed
+    payload = torch.load(model_file, weights_only=True)
+    assert payload["arch"]["depth"] == 10 and payload["arch"]["widen_factor"] == 1
+    training = payload["meta"]["training"]
+    assert training["epochs"] == 2 and training["train_images"] == 256 and training["world_size"] == 1
+    assert training["config"]["arch"] == "10-1" and training["config"]["batch_size"] == 128
+    assert len(training["history"]) == 2 and all(math.isfinite(r["loss"]) for r in training["history"])
+    assert payload["meta"]["evaluation"]["n"] == 16
+    rep = json.loads(report.read_text())
+    assert rep["model_sha256"] == _sha256(model_file)          # the report names the file as finally written
+    assert rep["results"]["natural"]["accuracy"] == payload["meta"]["evaluation"]["results"]["natural"]["accuracy"]
+
+
+def test_sigterm_keeps_the_checkpoint_and_resume_matches_the_uninterrupted_run(cli_trained, tmp_path, data_dir,
+                                                                               repo_root):
+    _, reference_file, _, reference = cli_trained
+    assert reference.returncode == 0
+    model_file = tmp_path / "tiny.pth"
+    ckpt = tmp_path / "tiny.pth.ckpt"
+    argv = [sys.executable, str(repo_root / "model.py"), *TRAIN_ARGS, "--model-file", str(model_file),
+            "--data-dir", str(data_dir)]
+    proc = subprocess.Popen(argv, cwd=repo_root, env=subprocess_env(data_dir), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ckpt.exists(), "no checkpoint after the first epoch"
+    proc.send_signal(signal.SIGTERM)            # during epoch 2 or its validation (several seconds)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-2000:]
+    assert f"interrupted; training keeps its last finished epoch in {ckpt}" in err
+    assert not model_file.exists() and ckpt.exists()
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1
+
+    resumed = subprocess.run(argv + ["--resume"], cwd=repo_root, env=subprocess_env(data_dir),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming {ckpt} after epoch 1 of 2" in resumed.stdout
+    assert not ckpt.exists()
+    got = torch.load(model_file, weights_only=True)
+    want = torch.load(reference_file, weights_only=True)
+    for name, value in want["state_dict"].items():
+        assert torch.equal(got["state_dict"][name], value), name          # bit for bit on the CPU
+    assert ([r["loss"] for r in got["meta"]["training"]["history"]]
+            == [r["loss"] for r in want["meta"]["training"]["history"]])
+
+
+def test_failed_training_leaves_the_model_file_untouched(run_cli, tmp_path, tiny_model_file, data_dir):
+    model_file = tmp_path / "m.pth"
+    shutil.copyfile(tiny_model_file, model_file)
+    before = model_file.read_bytes()
+    result = run_cli("--force-train", "-e", "1", "--arch", "10-1", "--n-train", "512", "--batch-size", "128",
+                     "--train-steps", "1", "--lr", "1e30", "--device", "cpu", "--model-file", model_file,
+                     "--n-eval", "16", "--data-dir", data_dir)
+    assert result.returncode == 1
+    last = _stderr_lines(result)[-1]
+    assert last.startswith("error: loss became nan") or last.startswith("error: loss became inf"), result.stderr
+    assert model_file.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth"]
+
+
+def test_sanity_on_a_tiny_model_prints_pass_lines(run_cli, tiny_model_file, data_dir):
+    result = run_cli("--model-file", tiny_model_file, "--sanity", "--split", "val", "--n-eval", "32",
+                     "--steps", "2", "--data-dir", data_dir)
+    checks = re.findall(r"^  (PASS|FAIL)  (.+)$", result.stdout, re.M)
+    assert [name for _, name in checks] == ["accuracy never rises with eps", "about 0 at eps 64/255",
+                                            "5x steps do not raise accuracy", "BPDA not weaker than plain PGD"]
+    # a non-robust model and a working attack: everything passes, exit 0
+    assert [status for status, _ in checks] == ["PASS"] * 4, result.stdout
+    assert re.search(r"^sanity: PASS$", result.stdout, re.M)
+    assert result.returncode == 0

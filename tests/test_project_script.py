@@ -1,0 +1,119 @@
+"""test_project.py: the grading platform's loader, on the real project and on broken copies of it."""
+import re
+import shutil
+
+import pytest
+
+LOAD_FOR_TESTING_EVAL = ("        self.load(os.path.join(project_dir, Net.model_file))\n"
+                         "        self.eval()\n"
+                         "        return self\n")
+
+
+def _fake_project(root, repo_root, *, patch=None, weights=True):
+    """A copy of the project in `root`: model.py (optionally with load_for_testing's body replaced) and,
+    when `weights`, a copy of the committed weights."""
+    root.mkdir()
+    source = (repo_root / "model.py").read_text()
+    if patch is not None:
+        assert source.count(LOAD_FOR_TESTING_EVAL) == 1, "load_for_testing changed shape: update this test"
+        source = source.replace(LOAD_FOR_TESTING_EVAL, patch)
+    (root / "model.py").write_text(source)
+    if weights:
+        (root / "models").mkdir()
+        shutil.copyfile(repo_root / "models" / "default_model.pth", root / "models" / "default_model.pth")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_checker(repo_root, data_dir, run_python):
+    def run(project_dir, cwd, data=data_dir):
+        return run_python([repo_root / "test_project.py", project_dir, "--data-dir", data], cwd=cwd)
+    return run
+
+
+def test_real_project_passes_with_the_expected_accuracy(run_checker, run_cli, repo_root, data_dir, tmp_path):
+    result = run_checker(repo_root, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    match = re.search(r"^Model nat accuracy \(test\): (\d+\.\d\d)$", result.stdout, re.M)
+    assert match, result.stdout
+    accuracy = float(match.group(1))
+    assert 80.0 <= accuracy <= 90.0
+    assert list(tmp_path.iterdir()) == []                          # it writes nothing where it runs
+    # the same figure as model.py's own natural accuracy on the 1,024 validation images
+    own = run_cli("--split", "val", "--eval", "natural", "--batch-size", "256", "--data-dir", data_dir)
+    assert own.returncode == 0, own.stderr[-2000:]
+    own_match = re.search(r"^Model natural accuracy \(val\): (\d+\.\d\d)$", own.stdout, re.M)
+    assert own_match, own.stdout
+    assert float(own_match.group(1)) == accuracy
+
+
+def test_project_without_model_py_fails(run_checker, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_checker(empty, tmp_path)
+    assert result.returncode == 1
+    assert "FAILED: no model.py in" in result.stderr and str(empty) in result.stderr
+    assert "Model nat accuracy" not in result.stdout
+
+
+def test_project_without_weights_fails(run_checker, repo_root, tmp_path):
+    project = _fake_project(tmp_path / "noweights", repo_root, weights=False)
+    result = run_checker(project, tmp_path)
+    assert result.returncode == 1
+    assert "FAILED: no weights at" in result.stderr and "default_model.pth" in result.stderr
+    assert "Model nat accuracy" not in result.stdout
+
+
+def test_load_for_testing_without_eval_fails(run_checker, repo_root, tmp_path):
+    project = _fake_project(tmp_path / "noeval", repo_root,
+                            patch="        self.load(os.path.join(project_dir, Net.model_file))\n"
+                                  "        return self\n")
+    result = run_checker(project, tmp_path)
+    assert result.returncode == 1
+    assert "FAILED: load_for_testing left the model in train mode" in result.stderr
+    assert "Model nat accuracy" not in result.stdout
+
+
+def test_weights_that_differ_from_the_file_fail(run_checker, repo_root, tmp_path):
+    project = _fake_project(tmp_path / "noisy", repo_root,
+                            patch=LOAD_FOR_TESTING_EVAL.replace(
+                                "        self.eval()\n",
+                                "        self.eval()\n"
+                                "        with torch.no_grad():\n"
+                                "            self.fc.weight.add_(1e-3)\n"))
+    result = run_checker(project, tmp_path)
+    assert result.returncode == 1
+    assert "FAILED: loaded weights differ from" in result.stderr and "at fc.weight" in result.stderr
+    assert "Model nat accuracy" not in result.stdout
+
+
+def test_fake_project_copy_itself_passes_the_checks_before_evaluation(run_checker, repo_root, tmp_path):
+    """Control for the failure cases above: the unpatched copy gets past every check (a broken data
+    folder then stops it, so the 1,024-image evaluation is not paid twice)."""
+    project = _fake_project(tmp_path / "control", repo_root)
+    empty_data = tmp_path / "nodata"
+    (empty_data / "cifar-10-batches-py").mkdir(parents=True)
+    result = run_checker(project, tmp_path, data=empty_data)
+    assert result.returncode == 1
+    assert "FAILED: FileNotFoundError" in result.stderr and "data_batch_1" in result.stderr, result.stderr
+
+
+def test_weights_that_differ_below_float16_resolution_fail(run_checker, repo_root, tmp_path):
+    """BUG (test_project.py check_weights): the loaded float32 weights are cast *down* to the file's float16
+    before comparing, so any difference smaller than float16's rounding (here every weight scaled by
+    1 + 1e-5) passes as "exactly the weights of the committed file". An empty data folder stops the run
+    right after the checks, so the 1,024-image evaluation is not paid."""
+    project = _fake_project(tmp_path / "tiny_noise", repo_root,
+                            patch=LOAD_FOR_TESTING_EVAL.replace(
+                                "        self.eval()\n",
+                                "        self.eval()\n"
+                                "        with torch.no_grad():\n"
+                                "            for p in self.parameters():\n"
+                                "                p.mul_(1 + 1e-5)\n"))
+    empty_data = tmp_path / "nodata"
+    (empty_data / "cifar-10-batches-py").mkdir(parents=True)
+    result = run_checker(project, tmp_path, data=empty_data)
+    assert result.returncode == 1
+    assert "FAILED: loaded weights differ from" in result.stderr, (
+        "test_project.py accepted weights that differ from the file (every parameter scaled by 1 + 1e-5); "
+        f"it stopped only at the data: {result.stderr.strip()[-300:]}")

@@ -1,0 +1,257 @@
+"""Training: train() on a WRN-10-1 with a few hundred images; schedule helpers; EMA; resume; failures;
+DDP under torchrun."""
+import math
+
+import pytest
+import torch
+
+import model as M
+
+
+def _quiet(*args, **kwargs):
+    pass
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return M.WideResNet(10, 1)
+
+
+@pytest.fixture(scope="module")
+def small_sets(train_set, val_set):
+    return (train_set[0][:512], train_set[1][:512]), (val_set[0][:64], val_set[1][:64])
+
+
+def _cfg(**kw):
+    base = dict(arch="10-1", epochs=2, batch_size=128, lr=0.05, warmup_epochs=0.5, attack_steps=1,
+                n_train=256, val_every=100, seed=0)
+    base.update(kw)
+    return M.TrainConfig(**base)
+
+
+def _state_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ----------------------------------------------------------------------------------------------------
+# Schedule helpers and EMA
+# ----------------------------------------------------------------------------------------------------
+def test_lr_schedule_is_one_cycle():
+    cfg = M.TrainConfig(lr=0.2, warmup_epochs=2.0)
+    assert M.lr_at(0.0, 10, cfg) == 0.0
+    assert M.lr_at(1.0, 10, cfg) == pytest.approx(0.1)
+    assert M.lr_at(2.0, 10, cfg) == pytest.approx(0.2)                 # the peak at the end of warm-up
+    assert M.lr_at(6.0, 10, cfg) == pytest.approx(0.1)
+    assert M.lr_at(10.0, 10, cfg) == 0.0
+    # warm-up is at most half the run
+    assert M.lr_at(1.0, 2, cfg) == pytest.approx(0.2)
+    assert M.lr_at(0.5, 2, cfg) == pytest.approx(0.1)
+    # during the first epoch of a time-budget run (length unknown) only the warm-up applies
+    assert M.lr_at(0.5, math.inf, cfg) == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("budget, epoch, per_epoch, spent, val_seconds", [
+    (1.0, 1, 10.0, 10.0, 0.0), (1.0, 1, 4.0, 5.0, 2.0), (2.0, 1, 7.0, 9.0, 1.0), (0.5, 1, 1.0, 3.0, 0.5),
+])
+def test_budget_epochs_fits_the_whole_schedule_in_the_budget(budget, epoch, per_epoch, spent, val_seconds):
+    cfg = M.TrainConfig(time_budget=budget, warmup_epochs=0.5, val_every=5)
+    total = M.budget_epochs(cfg, epoch, per_epoch, spent, val_seconds, "cpu", 1)
+    per_epoch_all = per_epoch + val_seconds / cfg.val_every
+    assert total > epoch
+    assert spent + (total - epoch) * per_epoch_all <= budget * 60                 # fits ...
+    assert spent + (total + 2 - epoch) * per_epoch_all > 0.97 * budget * 60       # ... and uses it
+
+
+def test_budget_epochs_never_ends_before_warm_up_and_one_more_epoch():
+    cfg = M.TrainConfig(time_budget=0.01, warmup_epochs=2.0)
+    assert M.budget_epochs(cfg, 1, 100.0, 100.0, 0.0, "cpu", 1) == 4
+
+
+def test_ema_update_is_an_exponential_average():
+    net = _net()
+    ema = M.EMA(net, 0.99)
+    assert not ema.model.training and all(not p.requires_grad for p in ema.model.parameters())
+    before = [p.detach().clone() for p in net.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+        for mod in net.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.add_(3.0)
+    ema.update(net)
+    d = min(0.99, 2 / 11)                                    # warmed-up decay of the first update
+    for old, new, avg in zip(before, net.parameters(), ema.model.parameters()):
+        assert torch.allclose(avg, d * old + (1 - d) * new, atol=1e-6)
+    for b, b_ema in zip(net.buffers(), ema.model.buffers()):
+        assert torch.equal(b, b_ema)                          # buffers are copied, not averaged
+    assert ema.updates == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# train()
+# ----------------------------------------------------------------------------------------------------
+def test_training_lowers_the_loss_and_reports(small_sets, tmp_path):
+    train_set, val_set = small_sets
+    net = _net()
+    initial = {k: v.clone() for k, v in net.state_dict().items()}
+    lines = []
+    cfg = _cfg(epochs=4, n_train=512, lr=0.1, val_every=2)
+    ckpt = tmp_path / "m.ckpt"
+    out, info = M.train(net, train_set, val_set, cfg, device="cpu", checkpoint_path=str(ckpt), log=lines.append)
+    assert out is net and not net.training
+    history = info["history"]
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) for r in history)
+    assert history[-1]["loss"] < history[0]["loss"] - 0.05
+    assert "val_clean" in history[1] and "val_clean" in history[3] and "val_clean" not in history[0]
+    assert 0 <= history[-1]["val_pgd10"] <= history[-1]["val_clean"] <= 100
+    assert info["epochs"] == 4 and info["train_images"] == 512 and info["world_size"] == 1
+    assert info["weights"] == "final" and info["device"] == "cpu"
+    assert info["config"]["lr"] == 0.1
+    assert not torch.equal(initial["conv1.weight"], net.state_dict()["conv1.weight"])
+    assert all(m.mode == "mask" for m in M.meansparse_modules(net))        # bypass undone
+    assert M.get_alpha(net) == 0.0
+    assert sum(line.startswith("epoch ") for line in lines) == 4
+    ckpt_payload = torch.load(ckpt, weights_only=True)
+    assert ckpt_payload["epoch"] == 4 and ckpt_payload["total_epochs"] == 4
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(small_sets, tmp_path, monkeypatch):
+    train_set, val_set = small_sets
+    cfg = _cfg(epochs=3, val_every=2, ema=0.9)
+
+    reference, ref_info = M.train(_net(0), train_set, val_set, cfg, device="cpu",
+                                  checkpoint_path=str(tmp_path / "ref.ckpt"), log=_quiet)
+
+    real_save = M.save_checkpoint
+    saved = []
+
+    def save_then_interrupt(state, path):
+        real_save(state, path)
+        saved.append(state["epoch"])
+        raise KeyboardInterrupt
+
+    ckpt = tmp_path / "run.ckpt"
+    monkeypatch.setattr(M, "save_checkpoint", save_then_interrupt)
+    interrupted = _net(0)
+    with pytest.raises(KeyboardInterrupt):
+        M.train(interrupted, train_set, val_set, cfg, device="cpu", checkpoint_path=str(ckpt), log=_quiet)
+    assert saved == [1]
+    assert all(m.mode == "mask" for m in M.meansparse_modules(interrupted))
+    monkeypatch.setattr(M, "save_checkpoint", real_save)
+
+    # resume on a differently initialised network: everything must come from the checkpoint
+    lines = []
+    resumed, info = M.train(_net(123), train_set, val_set, cfg, device="cpu", checkpoint_path=str(ckpt),
+                            resume=True, log=lines.append)
+    assert any("resuming" in line and "after epoch 1 of 3" in line for line in lines)
+    _state_equal(resumed.state_dict(), reference.state_dict())
+    assert [r["loss"] for r in info["history"]] == [r["loss"] for r in ref_info["history"]]
+    assert info["weights"] == ref_info["weights"]
+    assert info["epochs"] == 3
+
+
+def test_resume_with_other_settings_or_no_checkpoint_is_a_user_error(small_sets, tmp_path, monkeypatch):
+    train_set, val_set = small_sets
+    cfg = _cfg(epochs=2)
+    with pytest.raises(M.UserError, match="no checkpoint"):
+        M.train(_net(), train_set, val_set, cfg, device="cpu", checkpoint_path=str(tmp_path / "none.ckpt"),
+                resume=True, log=_quiet)
+    real_save = M.save_checkpoint
+
+    def save_then_interrupt(state, path):
+        real_save(state, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(M, "save_checkpoint", save_then_interrupt)
+    ckpt = tmp_path / "a.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        M.train(_net(), train_set, val_set, cfg, device="cpu", checkpoint_path=str(ckpt), log=_quiet)
+    monkeypatch.setattr(M, "save_checkpoint", real_save)
+    other = _cfg(epochs=2, lr=0.07)
+    with pytest.raises(M.UserError) as info:
+        M.train(_net(), train_set, val_set, other, device="cpu", checkpoint_path=str(ckpt), resume=True,
+                log=_quiet)
+    assert "lr" in str(info.value) and str(ckpt) in str(info.value)
+
+
+def test_nan_loss_raises_training_error(small_sets, tmp_path, monkeypatch):
+    train_set, val_set = small_sets
+
+    def nan_step(model, core, x, y, cfg, optimizer, noise_generator, device):
+        return torch.tensor(float("nan")), torch.tensor(0)
+
+    monkeypatch.setattr(M, "train_step", nan_step)
+    ckpt = tmp_path / "m.ckpt"
+    with pytest.raises(M.TrainingError, match="nan"):
+        M.train(_net(), train_set, val_set, _cfg(), device="cpu", checkpoint_path=str(ckpt), log=_quiet)
+    assert not ckpt.exists()                                  # no epoch finished, nothing written
+
+
+def test_too_few_images_for_one_batch_is_a_user_error(small_sets, tmp_path):
+    train_set, val_set = small_sets
+    with pytest.raises(M.UserError, match="batch"):
+        M.train(_net(), train_set, val_set, _cfg(n_train=100), device="cpu",
+                checkpoint_path=str(tmp_path / "m.ckpt"), log=_quiet)
+
+
+def test_time_budget_fixes_the_length_and_is_respected(small_sets, tmp_path):
+    train_set, val_set = small_sets
+    budget_min = 0.1                                           # 6 seconds
+    cfg = _cfg(epochs=None, time_budget=budget_min, warmup_epochs=0.5)
+    lines = []
+    _, info = M.train(_net(), train_set, val_set, cfg, device="cpu", checkpoint_path=str(tmp_path / "m.ckpt"),
+                      log=lines.append)
+    assert isinstance(info["epochs"], int) and info["epochs"] >= 2
+    assert len(info["history"]) == info["epochs"]
+    assert any(line.startswith(f"time budget {budget_min:g} min") and f"{info['epochs']} epochs" in line
+               for line in lines)
+    slowest = max(r["seconds"] for r in info["history"])
+    assert info["wall_seconds"] <= budget_min * 60 * 1.25 + slowest, info
+    assert info["wall_seconds"] >= budget_min * 60 * 0.3                      # and it did not stop early
+
+
+def test_trades_runs_one_epoch(small_sets, tmp_path):
+    train_set, val_set = small_sets
+    net = _net()
+    initial = net.fc.weight.detach().clone()
+    _, info = M.train(net, train_set, val_set, _cfg(epochs=1, trades=6.0), device="cpu",
+                      checkpoint_path=str(tmp_path / "m.ckpt"), log=_quiet)
+    assert info["config"]["trades"] == 6.0
+    assert len(info["history"]) == 1 and math.isfinite(info["history"][0]["loss"])
+    assert not torch.equal(net.fc.weight, initial)
+
+
+def test_ema_run_keeps_the_better_of_final_and_ema(small_sets, tmp_path):
+    train_set, val_set = small_sets
+    lines = []
+    net, info = M.train(_net(), train_set, val_set, _cfg(epochs=2, ema=0.9), device="cpu",
+                        checkpoint_path=str(tmp_path / "m.ckpt"), log=lines.append)
+    assert info["weights"] in ("ema", "final")
+    assert set(info["ema_val"]) == {"clean", "pgd10"}
+    final = info["history"][-1]
+    ema_key = (info["ema_val"]["pgd10"], info["ema_val"]["clean"])
+    assert (info["weights"] == "ema") == (ema_key > (final["val_pgd10"], final["val_clean"]))
+    assert lines[-1] == f"keeping the {info['weights']} weights"
+    # the kept weights give the recorded validation figures
+    val = M.Batches(*val_set, 512, device="cpu")
+    kept = info["ema_val"] if info["weights"] == "ema" else {"clean": final["val_clean"]}
+    assert M.evaluate(net, val, verbose=False) == pytest.approx(kept["clean"])
+
+
+def test_ddp_two_cpu_ranks_train_identical_weights(repo_root, data_dir, tmp_path, run_python):
+    out = tmp_path / "x.pth"
+    result = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                         str(repo_root / "model.py"), "--force-train", "-e", "1", "--arch", "10-1",
+                         "--n-train", "256", "--batch-size", "64", "--device", "cpu", "--model-file", str(out),
+                         "--data-dir", str(data_dir), "--n-eval", "16"], cwd=repo_root, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "weights identical across 2 ranks: True" in result.stdout
+    assert result.stdout.count("saved ") == 1                  # rank 0 alone writes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pth"]     # no checkpoint, no temporary left
+    loaded = M.load_model(str(out))
+    assert loaded.arch["depth"] == 10
+    training = loaded.meta["training"]
+    assert training["world_size"] == 2 and training["ranks_agree"] is True and training["epochs"] == 1
