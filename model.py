@@ -1178,6 +1178,7 @@ def run(args):
         raise UserError("--alpha needs MeanSparse statistics, which a newly trained model gets only with "
                         "--calibrate")
     meta = {}
+    train_split = load_cifar10(data_dir, "train") if train_now or args.calibrate else None
     if train_now:
         if not args.force_train:
             log(f"{args.model_file} does not exist: training it")
@@ -1186,7 +1187,7 @@ def run(args):
             log("note: training on the CPU takes days; use a GPU, or --n-train/--arch for a smoke run")
         torch.manual_seed(args.seed)        # the initial weights: the same command gives the same model
         model = build_model(cfg.arch).to(device)
-        model, info = train(model, load_cifar10(data_dir, "train"), load_cifar10(data_dir, "val"), cfg,
+        model, info = train(model, train_split, load_cifar10(data_dir, "val"), cfg,
                             device=device, checkpoint_path=checkpoint_path, resume=args.resume, log=log)
         meta["training"] = info
         if world_size > 1:
@@ -1204,9 +1205,7 @@ def run(args):
         model.to(memory_format=torch.channels_last)
 
     if args.calibrate:
-        stats_set = load_cifar10(data_dir, "train")
-        if args.n_train:
-            stats_set = tuple(t[:args.n_train] for t in stats_set)
+        stats_set = tuple(t[:args.n_train] for t in train_split) if args.n_train else train_split
         val_set = load_cifar10(data_dir, "val")
         if args.n_eval:
             val_set = tuple(t[:args.n_eval] for t in val_set)
