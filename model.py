@@ -950,8 +950,9 @@ def robustness_curves(model, batches, args, device):
             for eps in grid:
                 gen = torch.Generator(device).manual_seed(args.seed)
                 attack = make_pgd(norm, eps, eps / 4, args.steps, generator=gen, use_bpda=use_bpda)
-                accs.append(evaluate(model, batches, attack, desc=f"{'BPDA' if use_bpda else 'PGD'} {norm} eps "
-                                     f"{eps * 255 if norm == 'linf' else eps:g}{'/255' if norm == 'linf' else ''}"))
+                shown = f"{eps * 255:g}/255" if norm == "linf" else f"{eps:g}"
+                accs.append(evaluate(model, batches, attack,
+                                     desc=f"{'BPDA' if use_bpda else 'PGD'} {norm} eps {shown}"))
             curves[f"{'bpda' if use_bpda else 'pgd'}-{norm}"] = {"eps": grid, "accuracy": accs}
     return curves
 
@@ -1064,8 +1065,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    p = _Parser(description="Train and honestly evaluate a robust CIFAR-10 WideResNet with "
-                                            "MeanSparse.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(description="Train and honestly evaluate a robust CIFAR-10 WideResNet with MeanSparse.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model-file", default=Net.model_file, help="model file to test, train or calibrate")
     p.add_argument("-f", "--force-train", action="store_true", help="train even if the model file exists")
     p.add_argument("-e", "--num-epochs", type=_positive_int, default=None,
