@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import pickle
@@ -910,19 +911,42 @@ def attack_settings(name, args):
             "bpda": name.startswith("bpda-"), "crafted_at_alpha": 0.0 if name.startswith("transfer-") else None}
 
 
-def autoattack_accuracy(model, images, labels, *, norm, eps, batch_size, seed, device):
-    """Standard AutoAttack (pyautoattack) under BPDA through MeanSparse; accuracy %."""
+class _AutoAttackLog(logging.Handler):
+    """Shows AutoAttack's progress lines (robust accuracy after each attack, its checks' warnings) as they
+    come, and keeps them for the report."""
+
+    def __init__(self, log):
+        super().__init__(logging.DEBUG)
+        self.log, self.lines = log, []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+        self.log(f"  autoattack: {record.getMessage()}")
+
+
+def autoattack_accuracy(model, images, labels, *, norm, eps, batch_size, seed, device, log=print):
+    """Standard AutoAttack (pyautoattack) under BPDA through MeanSparse: (accuracy %, details), where
+    details has the package version and AutoAttack's own log lines."""
     try:
-        from pyautoattack import AutoAttack
+        import pyautoattack
     except ImportError:
         raise UserError("AutoAttack needs the official code: pip install pyautoattack") from None
     x = images.to(device).float().div(255)
     y = labels.to(device)
-    adversary = AutoAttack(model, norm="Linf" if norm == "linf" else "L2", eps=eps, version="standard",
-                           seed=seed, device=device)
-    with bpda(model):
-        _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
-    return 100.0 * (y_adv == y).float().mean().item()
+    adversary = pyautoattack.AutoAttack(model, norm="Linf" if norm == "linf" else "L2", eps=eps,
+                                        version="standard", seed=seed, device=device)
+    logger, handler = logging.getLogger("auto-attack"), _AutoAttackLog(log)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)          # its progress lines are DEBUG records
+    logger.addHandler(handler)
+    try:
+        with bpda(model):
+            _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    details = {"pyautoattack": getattr(pyautoattack, "__version__", "unknown"), "log": handler.lines}
+    return 100.0 * (y_adv == y).float().mean().item(), details
 
 
 def run_attack(model, name, batches, args, device):
@@ -931,9 +955,10 @@ def run_attack(model, name, batches, args, device):
     if name == "natural":
         return evaluate(model, batches, desc="natural"), settings
     if name.startswith("aa-"):
-        return autoattack_accuracy(model, batches.images, batches.labels, norm=settings["norm"],
-                                   eps=settings["eps"], batch_size=batches.batch_size, seed=args.seed,
-                                   device=device), settings
+        accuracy, details = autoattack_accuracy(model, batches.images, batches.labels, norm=settings["norm"],
+                                                eps=settings["eps"], batch_size=batches.batch_size,
+                                                seed=args.seed, device=device)
+        return accuracy, {**settings, **details}
     gen = torch.Generator(device).manual_seed(args.seed)
     attack = make_pgd(settings["norm"], settings["eps"], settings["step_size"], settings["steps"],
                       restarts=settings["restarts"], generator=gen, use_bpda=settings["bpda"],

@@ -1,5 +1,6 @@
 """Attacks: pgd (both norms), projection, restarts, side effects, strength, BPDA, make_pgd/evaluate."""
 import math
+import sys
 
 import pytest
 import torch
@@ -308,3 +309,41 @@ def test_evaluate_counts_correct_predictions():
     assert M.evaluate(model, batches, attack, verbose=False) == pytest.approx(80.0)
     assert calls == [3, 2]
     assert M.evaluate(model, [], verbose=False) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# AutoAttack: the official pyautoattack code (a requirement), run under BPDA
+# ----------------------------------------------------------------------------------------------------
+def test_autoattack_runs_under_bpda_and_is_at_least_as_strong_as_pgd(tiny_trained, train_set, val_set):
+    net = tiny_trained
+    M.collect_statistics(net, M.Batches(train_set[0][:256], train_set[1][:256], 128, device="cpu"))
+    M.set_alpha(net, 0.2)
+    images, labels = val_set[0][:48], val_set[1][:48]
+    batches = M.Batches(images, labels, 48, device="cpu")
+    eps = 1 / 255                   # small enough that PGD leaves this non-robust model some accuracy
+    modes = set()
+    hook = M.meansparse_modules(net)[0].register_forward_pre_hook(lambda m, i: modes.add(m.mode))
+    shown = []
+    accuracy, details = M.autoattack_accuracy(net, images, labels, norm="linf", eps=eps, batch_size=48, seed=0,
+                                              device="cpu", log=shown.append)
+    hook.remove()
+    assert modes == {"bpda"}                                           # every forward pass, checks included
+    assert all(m.mode == "mask" for m in M.meansparse_modules(net))   # and restored afterwards
+    natural = M.evaluate(net, batches, verbose=False)
+    pgd = M.evaluate(net, batches, M.make_pgd("linf", eps, eps / 4, 20, generator=_gen(0), use_bpda=True),
+                     verbose=False)
+    print(f"natural {natural:.2f}  BPDA PGD-20 {pgd:.2f}  AutoAttack {accuracy:.2f}")
+    assert pgd > 0                                  # else the comparison below says nothing
+    assert accuracy <= pgd + 100 / 48               # within one image of PGD, or stronger
+    assert accuracy < natural
+    # its progress lines were shown as they came and are kept for the report
+    assert details["pyautoattack"] and details["log"] and shown == [f"  autoattack: {s}" for s in details["log"]]
+    assert any(s.startswith("robust accuracy after APGD-CE") for s in details["log"])
+
+
+def test_autoattack_without_the_package_is_a_user_error(monkeypatch, wrn):
+    monkeypatch.setitem(sys.modules, "pyautoattack", None)             # makes `import pyautoattack` fail
+    x, y = _inputs(2, (3, 32, 32))
+    with pytest.raises(M.UserError, match="pip install pyautoattack"):
+        M.autoattack_accuracy(wrn, (x * 255).to(torch.uint8), y, norm="linf", eps=EPS_LINF, batch_size=2,
+                              seed=0, device="cpu")

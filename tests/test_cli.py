@@ -321,3 +321,19 @@ def test_sanity_on_a_tiny_model_prints_pass_lines(run_cli, tiny_model_file, data
     assert [status for status, _ in checks] == ["PASS"] * 4, result.stdout
     assert re.search(r"^sanity: PASS$", result.stdout, re.M)
     assert result.returncode == 0
+
+
+def test_autoattack_l2_report_on_a_tiny_model(run_cli, tmp_path, tiny_model_file, data_dir):
+    report_path = tmp_path / "aa.json"
+    result = run_cli("--model-file", tiny_model_file, "--eval", "natural,aa-l2", "--split", "val", "--n-eval", "16",
+                     "--report", report_path, "--data-dir", data_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    aa = json.loads(report_path.read_text())["results"]["aa-l2"]
+    assert aa["n"] == 16 and aa["norm"] == "l2" and aa["eps"] == pytest.approx(0.5)
+    assert aa["version"] == "standard" and aa["bpda"] is True and aa["pyautoattack"]
+    natural = json.loads(report_path.read_text())["results"]["natural"]["accuracy"]
+    assert natural > 0 and aa["accuracy"] < natural            # eps 0.5 L2 breaks this non-robust model
+    assert any(line.startswith("robust accuracy after APGD-CE") for line in aa["log"])
+    for line in aa["log"]:                                       # shown while it ran
+        assert f"  autoattack: {line}" in result.stdout
+    assert re.search(r"^aa-l2\s+\d+\.\d\d %\s+on 16 images", result.stdout, re.M)
