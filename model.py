@@ -7,8 +7,11 @@ One file, read top to bottom: config -> data -> model -> attacks -> training -> 
 Examples
     ./model.py                                     # natural accuracy of models/default_model.pth (test)
     ./model.py --eval natural,pgd-linf,bpda-linf --n-eval 1000 --report r.json
+    ./model.py --eval apgd-linf,apgd-l2            # the adaptive evaluation (APGD worst case): a GPU job
     ./model.py --calibrate --model-file copy.pth   # MeanSparse statistics + alpha chosen on validation
     ./model.py --force-train --time-budget 7 --calibrate --eval natural,pgd-linf,bpda-linf
+    ./model.py --force-train --time-budget 9 --trades 6 --awp 5e-3 --train-steps 2 --train-step-size 8/255 \
+        --eps-ramp 1 --ema 0.995 --ema-start 0.75 --select-from 0.5 --model-file new.pth
     torchrun --nproc_per_node=2 model.py --force-train -e 30
 
 The grading platform imports this file, builds `Net()`, calls `net.load_for_testing(project_dir)` and
@@ -29,6 +32,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -54,10 +58,18 @@ EVAL_STEPS = 20                             # PGD steps of an evaluation attack
 VAL_PGD_STEPS = 10                          # PGD steps of the validation check during training
 ALPHA_GRID = "0,0.05,0.1,0.15,0.2,0.25,0.3,0.35,0.4"
 CLEAN_DROP_LIMIT = 0.5                      # points of clean accuracy an alpha may cost (calibration)
+SIGNIFICANCE = 2.0                          # standard errors by which an alpha > 0 must beat alpha 0 (adaptive)
 PLOT_EPS = {"linf": [e / 255 for e in (0, 2, 4, 6, 8, 10, 12, 16)],
             "l2": [0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]}
 SANITY_EPS_LINF = [e / 255 for e in (0, 4, 8, 16, 32, 64)]   # the last one must break every image
 SANITY_STEPS_FACTOR = 5
+STEADY_STEP = 5                             # training steps before timing (cudnn autotuning, compilation)
+SELECT_IMAGES = 512                         # validation images of each weight-selection APGD check
+SELECT_ITERS = 50                           # APGD iterations of each of its two attacks
+APGD_ITERS = 100                            # APGD iterations of the adaptive evaluation (AutoAttack's)
+CPU_BATCH = 64                              # images per forward pass on the CPU in eval mode: beyond ~64
+                                            # a WRN-28-4's activations outgrow malloc's heap (page faults)
+GPU_EVAL_BATCH = 512                        # default evaluation batch on CUDA
 
 
 class UserError(Exception):
@@ -187,9 +199,14 @@ class MeanSparse(nn.Module):
             return x
         mean = self.mean.view(1, -1, 1, 1).to(x.dtype)
         band = (self.alpha * self.std).view(1, -1, 1, 1).to(x.dtype)
-        out = torch.where((x - mean).abs() < band, mean, x)
-        if self.mode == "bpda":
-            return x + (out - x).detach()
+        with torch.no_grad():                       # the mask has no gradient
+            inside = (x - mean).abs_()
+            torch.lt(inside, band, out=inside)      # 1.0 where |x - mean| < band, else 0.0
+        # lerp with weight 1 is exactly the mean and with weight 0 exactly x: the same values as
+        # torch.where(inside, mean, x), which is several times slower on the CPU; gradient 1 - inside
+        out = torch.lerp(x, mean, inside)
+        if self.mode == "bpda":     # x - x.detach() is exactly 0: the forward stays bit-identical
+            return out.detach() + (x - x.detach())
         return out
 
 
@@ -316,6 +333,10 @@ class WideResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x):
+        if x.device.type == "cpu" and not self.training and len(x) > CPU_BATCH:
+            # In eval mode every image is independent of the others, so splitting changes nothing but the
+            # speed: on the CPU small batches are much faster (bench/cpu_eval.py)
+            return torch.cat([self.forward(chunk) for chunk in x.split(CPU_BATCH)])
         out = self.conv1((x - self.input_mean) / self.input_std)
         out = self.block3(self.block2(self.block1(out)))
         out = self.relu(self.sparse(self.bn1(out)))
@@ -336,14 +357,15 @@ class WideResNet(nn.Module):
         atomic_save({"format": FILE_FORMAT, "arch": dict(self.arch), "alpha": get_alpha(self),
                      "meta": self.meta, "state_dict": state}, path)
 
-    def load(self, path):
-        """Load a file written by `save` (or a plain state dict) onto this net's device, as float32."""
-        payload = read_model_file(path)
+    def load(self, path, payload=None):
+        """Load a file written by `save` (or a plain state dict) onto this net's device, as float32.
+        `payload`: the file as read_model_file already returned it (saves reading it twice)."""
+        payload = read_model_file(path) if payload is None else payload
         arch = payload.get("arch")
         if arch is not None and dict(arch) != self.arch:
-            raise UserError(f"{path}: holds a WRN-{arch.get('depth')}-{arch.get('widen_factor')}, "
-                            f"this network is a {self.arch_name}; pass the file as --model-file "
-                            f"(which rebuilds its architecture) or retrain with --force-train")
+            raise UserError(f"{path}: holds a WRN-{arch['depth']}-{arch['widen_factor']}, this network is a "
+                            f"{self.arch_name}; pass the file as --model-file (which rebuilds its "
+                            f"architecture) or retrain with --force-train")
         state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
         try:
             result = self.load_state_dict(state, strict=False)
@@ -368,8 +390,10 @@ class Net(WideResNet):
         super().__init__(*parse_arch(DEFAULT_ARCH))
 
     def load_for_testing(self, project_dir="./"):
-        """Load the committed weights and leave the model in eval mode (the platform's entry point)."""
+        """Load the committed weights and leave the model in eval mode (the platform's entry point), in
+        the channels_last layout, the faster one on CPUs and GPUs; inputs may be in either layout."""
         self.load(os.path.join(project_dir, Net.model_file))
+        self.to(memory_format=torch.channels_last)
         self.eval()
         return self
 
@@ -379,8 +403,9 @@ def build_model(arch=DEFAULT_ARCH):
     return Net() if (depth, width) == parse_arch(DEFAULT_ARCH) else WideResNet(depth, width)
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves a broken file."""
+def atomic_write(path, write):
+    """write(f) into a temporary binary file beside `path`, then rename: a crash or Ctrl-C never leaves a
+    broken or half-written file, and the old one stays until the new one is complete."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
@@ -389,7 +414,7 @@ def atomic_save(obj, path):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)       # mkstemp's 0600 would make the saved file private
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -399,28 +424,77 @@ def atomic_save(obj, path):
         raise
 
 
+def atomic_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _torch_load(path, what):
+    """torch.load(weights_only=True) of a model file or checkpoint; any failure is one line naming the file
+    and what is wrong with it."""
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a directory, not a {what}")
+    try:
+        with warnings.catch_warnings():     # torch warns about pickle protocols before failing: one line only
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:          # a damaged file can make the unpickler raise almost anything
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head == b"PK":               # torch.save's zip archive
+            reason = f"a damaged or truncated torch.save archive ({e.__class__.__name__})"
+        elif head[:1] == b"\x80" and "Weights only load failed" in str(e):
+            reason = "it holds Python objects besides tensors, which this tool does not unpickle"
+        elif head[:1] == b"\x80":        # a pickle (torch's legacy format)
+            reason = f"a damaged pickle ({e.__class__.__name__})"
+        else:
+            reason = "not written by torch.save (a text file, or another format)"
+        raise UserError(f"{path}: not a readable {what}: {reason}") from None
+
+
+def _model_file_problem(payload):
+    """What is wrong with the structure of a loaded model file (None if nothing), checked before any
+    tensor is used."""
+    if not isinstance(payload, dict) or not payload:
+        return f"holds a {type(payload).__name__}, not a dict with a state_dict"
+    state = payload.get("state_dict", payload)
+    if not isinstance(state, dict) or not state:
+        return "its state_dict is not a non-empty dict"
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            return (f"state_dict entry {key!r} is of type {type(value).__name__}, not a tensor" if "state_dict" in
+                    payload else "holds neither a state_dict entry nor only tensors")
+    arch = payload.get("arch")
+    if arch is not None:
+        if (not isinstance(arch, dict) or not all(isinstance(arch.get(k), int) and not isinstance(arch.get(k), bool)
+                                                  for k in ("depth", "widen_factor", "num_classes"))):
+            return f"its arch {arch!r} is not a dict of integers depth, widen_factor, num_classes"
+        if arch["num_classes"] != NUM_CLASSES or arch["depth"] < 10 or (arch["depth"] - 4) % 6 \
+                or arch["widen_factor"] < 1:
+            return f"its arch {arch} is no CIFAR-10 WideResNet (depth 6n+4, width >= 1, 10 classes)"
+    if not isinstance(payload.get("meta") or {}, dict):
+        return f"its meta is a {type(payload['meta']).__name__}, not a dict"
+    return None
+
+
 def read_model_file(path):
-    """The payload of a model file as a dict with "state_dict" (a plain state dict is wrapped)."""
-    if not os.path.isfile(path):
+    """The payload of a model file as a dict with "state_dict" (a plain state dict is wrapped), its
+    structure checked."""
+    if not os.path.exists(path):
         raise UserError(f"{path}: no such model file; check the path, or train one with "
                         f"./model.py --force-train --model-file {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path}: not a readable model file ({e.__class__.__name__}); "
-                        f"restore it (git checkout {path}) or retrain with --force-train") from None
-    if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
-        return payload
-    if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
-        return {"state_dict": payload}
-    raise UserError(f"{path}: holds no state dict; save models with Net.save or torch.save(net.state_dict())")
+    payload = _torch_load(path, "model file")
+    problem = _model_file_problem(payload)
+    if problem:
+        raise UserError(f"{path}: not a model file of this tool: {problem}; restore it or retrain with "
+                        f"--force-train")
+    return payload if "state_dict" in payload else {"state_dict": payload}
 
 
 def load_model(path, device="cpu"):
     """Build the architecture recorded in `path` (WRN-28-4 for a plain state dict) and load it."""
     payload = read_model_file(path)
     model = build_model(payload.get("arch") or DEFAULT_ARCH).to(device)
-    return model.load(path).eval()
+    return model.load(path, payload).eval()
 
 
 def file_sha256(path):
@@ -495,6 +569,79 @@ def pgd(model, x, y, *, norm, eps, step_size, steps, restarts=1, random_start=Tr
     return best.detach()
 
 
+def import_pyautoattack():
+    try:
+        import pyautoattack
+        import pyautoattack.autopgd_base
+    except ImportError:
+        raise UserError("APGD and AutoAttack need the official code: pip install pyautoattack") from None
+    return pyautoattack
+
+
+def apgd(model, x, y, *, loss, norm, eps, iters, seed, crafted_at_alpha=None):
+    """x_adv of one run of the official APGD (pyautoattack, one restart): loss "ce" or "dlr" untargeted, or
+    "targeted" (DLR against each of the nine most likely wrong classes in turn). Every MeanSparse is under
+    BPDA, at threshold `crafted_at_alpha` if given (a transfer attack). The global RNG, which APGD seeds,
+    is left as found."""
+    pyautoattack = import_pyautoattack()
+    norm_name = {"linf": "Linf", "l2": "L2"}[norm]
+    common = dict(n_iter=iters, norm=norm_name, n_restarts=1, eps=eps, seed=seed, device=x.device)
+    if loss == "targeted":
+        attack = pyautoattack.autopgd_base.APGDAttack_targeted(model, n_target_classes=NUM_CLASSES - 1, **common)
+    else:
+        attack = pyautoattack.autopgd_base.APGDAttack(model, loss=loss, **common)
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), bpda(model), \
+            alpha_set_to(model, crafted_at_alpha) if crafted_at_alpha is not None else contextlib.nullcontext():
+        return attack.perturb(x, y).detach()
+
+
+# name -> (APGD loss, alpha it is crafted at: None for the model's own)
+APGD_COMPONENTS = {"apgd-ce": ("ce", None), "apgd-dlr": ("dlr", None), "apgd-ce-transfer": ("ce", 0.0),
+                   "apgd-t": ("targeted", None)}
+ADAPTIVE = ("apgd-ce", "apgd-ce-transfer", "apgd-t")      # the adaptive evaluation: an image must survive all
+CASCADED = ("apgd-t",)      # nine runs in one: attacks only the images the components before it left correct
+
+
+def apgd_robust(model, batches, components, *, norm, eps, iters, seed, verbose=True):
+    """Per image of `batches`: is it still classified correctly after every one of `components` (APGD
+    attacks, see APGD_COMPONENTS)? The worst case per image, judged by the model's own forward pass (the
+    mask, not BPDA). Returns (robust bool tensor, stats): stats holds the clean accuracy, each component's
+    own accuracy, and for a cascaded component (APGD-T, like AutoAttack's) the images it attacked and broke;
+    it cannot change the worst case on the images others broke, and would cost up to twice as much there."""
+    robust, clean, own = [], 0, {name: 0 for name in components}
+    stats = {name: {"seconds": 0.0, "attacked": 0, "broke": 0} for name in components}
+    for x, y in tqdm(batches, desc=f"APGD {norm}", leave=False, disable=not verbose):
+        with torch.no_grad():
+            alive = model(x).argmax(1) == y
+        clean += int(alive.sum())
+        for name in components:
+            t0 = time.perf_counter()
+            loss, alpha = APGD_COMPONENTS[name]
+            idx = (alive if name in CASCADED else torch.ones_like(alive)).nonzero().flatten()
+            correct = torch.zeros_like(alive)
+            if len(idx):
+                x_adv = apgd(model, x[idx], y[idx], loss=loss, norm=norm, eps=eps, iters=iters, seed=seed,
+                             crafted_at_alpha=alpha)
+                with torch.no_grad():
+                    correct[idx] = model(x_adv).argmax(1) == y[idx]
+            stats[name]["attacked"] += len(idx)
+            stats[name]["broke"] += int((alive & ~correct).sum())
+            own[name] += int(correct.sum())
+            alive &= correct
+            stats[name]["seconds"] += time.perf_counter() - t0
+        robust.append(alive.cpu())
+    robust = torch.cat(robust) if robust else torch.zeros(0, dtype=torch.bool)
+    n = max(len(robust), 1)
+    stats = {"clean": 100.0 * clean / n,
+             **{name: {"accuracy": None if name in CASCADED else 100.0 * own[name] / n,
+                       **{k: round(v, 2) if k == "seconds" else v for k, v in stats[name].items()}}
+                for name in components}}
+    return robust, stats
+
+
+SELECT_ATTACKS = ("apgd-ce", "apgd-dlr")    # the weight-selection check: cheaper than ADAPTIVE's APGD-T
+
+
 # ----------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------
@@ -509,10 +656,19 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4      # not on BatchNorm weights or biases
     label_smoothing: float = 0.0
-    eps: float = EPS_LINF
-    attack_steps: int = 5           # K; step size 2.5 * eps / K
+    eps: float = EPS_LINF           # L-inf radius of the training attack
+    attack_steps: int = 5           # K
+    attack_step_size: float = None  # at the full eps (scaled with it during the ramp); None: 2.5 * eps / K
+    eps_ramp: float = 0.0           # eps rises linearly from 0 over this fraction of the run; 0: no ramp
     trades: float = None            # TRADES beta; None: plain PGD-AT (cross-entropy on adversarial batch)
+    awp: float = None               # AWP gamma (weight perturbation relative to each layer's norm); None: off
+    awp_warmup: float = 0.0         # epochs without AWP at the start
     ema: float = None               # EMA decay; None: no EMA
+    ema_start: float = 0.0          # fraction of the run before which the EMA just copies the weights
+    select_from: float = None       # fraction of the run from which validation APGD picks the weights kept;
+                                    # None: the better of final and EMA weights by validation PGD-10
+    select_n: int = SELECT_IMAGES   # validation images of each APGD check
+    select_iters: int = SELECT_ITERS
     val_every: int = 5              # epochs between validation checks
     n_train: int = None             # first N training images (smoke runs)
     seed: int = 0
@@ -527,8 +683,17 @@ def lr_at(epoch_progress, total_epochs, cfg):
     return cfg.lr * max(0.0, (total_epochs - epoch_progress) / max(total_epochs - warmup, 1e-12))
 
 
+def eps_at(epoch_progress, total_epochs, cfg):
+    """Training eps: linear from 0 to cfg.eps over the first eps_ramp of the run (0 while the length is
+    still unknown, in the first epoch of a time-budget run), then cfg.eps."""
+    if not cfg.eps_ramp:
+        return cfg.eps
+    return cfg.eps * min(1.0, epoch_progress / (cfg.eps_ramp * total_epochs))
+
+
 class EMA:
-    """Exponential moving average of the weights, decay warmed up as min(decay, (1+n)/(10+n))."""
+    """Exponential moving average of the weights, decay warmed up as min(decay, (1+n)/(10+n)) over the n
+    updates since it started; before its start it follows the weights."""
 
     def __init__(self, model, decay):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -541,6 +706,11 @@ class EMA:
         torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - d)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
+
+    @torch.no_grad()
+    def follow(self, model):
+        for t_ema, t in zip(self.model.state_dict().values(), model.state_dict().values()):
+            t_ema.copy_(t)
 
 
 def kl_sum(logits, p_clean):
@@ -562,34 +732,69 @@ def autocast_for(device):
     return contextlib.nullcontext()
 
 
-def train_step(model, core, x, y, cfg, optimizer, noise_generator, device):
-    """One PGD-AT (or TRADES) step; returns (summed loss, correct count on the adversarial batch)."""
-    core.eval()                     # craft with BatchNorm in eval mode: no statistics updates
-    with autocast_for(device):
-        if cfg.attack_steps == 0:   # plain (non-adversarial) training, e.g. as a speed reference
-            x_adv = x
-        elif cfg.trades is None:
-            x_adv = pgd(core, x, y, norm="linf", eps=cfg.eps, step_size=2.5 * cfg.eps / cfg.attack_steps,
-                        steps=cfg.attack_steps, generator=noise_generator)
-        else:
-            with torch.no_grad():
-                p_clean = F.softmax(core(x).float(), 1)
-            x_adv = pgd(core, x, p_clean, norm="linf", eps=cfg.eps,
-                        step_size=2.5 * cfg.eps / cfg.attack_steps, steps=cfg.attack_steps,
-                        generator=noise_generator, loss_fn=kl_sum)
+def training_attack(core, x, y, cfg, eps, noise_generator):
+    """The training attack at radius `eps` (PGD on cross-entropy, or on TRADES's KL), crafted with
+    BatchNorm in eval mode so that it updates no statistics."""
+    if cfg.attack_steps == 0 or eps == 0:   # plain training (a speed reference), or the start of the ramp
+        return x
+    step_size = (cfg.attack_step_size or 2.5 * cfg.eps / cfg.attack_steps) * eps / cfg.eps
+    core.eval()
+    if cfg.trades is None:
+        target, loss_fn = y, cross_entropy_sum
+    else:
+        with torch.no_grad():
+            target, loss_fn = F.softmax(core(x).float(), 1), kl_sum
+    return pgd(core, x, target, norm="linf", eps=eps, step_size=step_size, steps=cfg.attack_steps,
+               generator=noise_generator, loss_fn=loss_fn)
+
+
+def training_loss(model, x, x_adv, y, cfg):
+    """(mean training loss, logits on x_adv): cross-entropy on x_adv, or the TRADES loss on (x, x_adv)."""
+    if cfg.trades is None:
+        logits = model(x_adv).float()
+        return F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing), logits
+    both = model(torch.cat([x, x_adv])).float()
+    clean, logits = both[:len(x)], both[len(x):]
+    loss = (F.cross_entropy(clean, y, label_smoothing=cfg.label_smoothing)
+            + cfg.trades * F.kl_div(F.log_softmax(logits, 1), F.softmax(clean, 1), reduction="batchmean"))
+    return loss, logits
+
+
+def awp_perturb(core, weights, x, x_adv, y, cfg, world_size=1):
+    """Adversarial weight perturbation (Wu et al. 2020): moves every tensor w of `weights` (the conv and
+    linear weights) by cfg.awp * ||w|| along the ascent direction of the training loss on this batch, and
+    returns their values from before. The extra pass runs like the step itself (BatchNorm in train mode);
+    the running statistics it updates are put back."""
+    buffers = [b.clone() for b in core.buffers()]
+    loss, _ = training_loss(core, x, x_adv, y, cfg)
+    grads = torch.autograd.grad(loss, weights)
+    with torch.no_grad():
+        for b, saved in zip(core.buffers(), buffers):
+            b.copy_(saved)
+        if world_size > 1:      # every rank takes the direction of the whole batch: ranks stay identical
+            for g in grads:
+                torch.distributed.all_reduce(g)
+        originals = [w.clone() for w in weights]
+        for w, g in zip(weights, grads):
+            w.add_(g * (cfg.awp * w.norm() / (g.norm() + 1e-12)))     # no host sync: stays on the device
+    return originals
+
+
+def train_step(model, core, x, y, cfg, optimizer, noise_generator, *, eps, awp_weights=None, world_size=1):
+    """One training step: PGD-AT or TRADES at radius `eps`, with AWP on `awp_weights` if given (the gradient
+    is taken at the perturbed weights, which are then restored exactly before the optimizer steps).
+    `model` may be the DDP wrapper of `core`. Returns (summed loss, correct count on the adversarial batch)."""
+    with autocast_for(x.device):
+        x_adv = training_attack(core, x, y, cfg, eps, noise_generator)
     core.train()
-    with autocast_for(device):
-        if cfg.trades is None:
-            logits = model(x_adv).float()
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-        else:
-            both = model(torch.cat([x, x_adv])).float()
-            clean, logits = both[:len(x)], both[len(x):]
-            loss = (F.cross_entropy(clean, y, label_smoothing=cfg.label_smoothing)
-                    + cfg.trades * F.kl_div(F.log_softmax(logits, 1), F.softmax(clean, 1),
-                                            reduction="batchmean"))
+    with autocast_for(x.device):
+        originals = awp_perturb(core, awp_weights, x, x_adv, y, cfg, world_size) if awp_weights else None
+        loss, logits = training_loss(model, x, x_adv, y, cfg)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if originals is not None:
+        with torch.no_grad():
+            torch._foreach_copy_(awp_weights, originals)
     optimizer.step()
     return loss.detach() * len(y), (logits.argmax(1) == y).sum()
 
@@ -602,6 +807,15 @@ def validate(model, val_batches, eps=EPS_LINF, steps=VAL_PGD_STEPS, seed=0):
     robust = evaluate(model, val_batches, make_pgd("linf", eps, eps / 4, steps, generator=gen),
                       desc=f"val PGD-{steps}")
     return clean, robust
+
+
+def apgd_check(model, batches, cfg):
+    """(robust %, clean %) of `model` under the weight-selection check: APGD-CE and untargeted APGD-DLR,
+    cfg.select_iters iterations each, the per-image worst case."""
+    model.eval()
+    robust, stats = apgd_robust(model, batches, SELECT_ATTACKS, norm="linf", eps=cfg.eps,
+                                iters=cfg.select_iters, seed=cfg.seed, verbose=False)
+    return 100.0 * robust.float().mean().item(), stats["clean"]
 
 
 def budget_epochs(cfg, epoch, per_epoch, spent, val_seconds, device, world_size):
@@ -626,8 +840,24 @@ def _rng_states(data_gen, noise_gen):
     return {"data": data_gen.get_state(), "noise": noise_gen.get_state(), "torch": torch.get_rng_state()}
 
 
+@dataclasses.dataclass
+class _Run:
+    """What a training run carries from epoch to epoch (its checkpoint adds the model, optimizer, EMA and
+    random states). `best` describes the best weights the APGD checks have seen, `best_state` holds them."""
+    total_epochs: int = None
+    epoch: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    elapsed: float = 0.0
+    best: dict = None
+    best_state: dict = None
+
+
+CHECKPOINT_KEYS = ("epoch", "total_epochs", "config", "model", "optimizer", "ema", "ema_updates", "rng",
+                   "history", "elapsed", "best", "best_state")
+
+
 def train(model, train_set, val_set, cfg, *, device, checkpoint_path, resume=False, log=print):
-    """PGD adversarial training of `model` (in place) on train_set = (images, labels).
+    """Adversarial training of `model` (in place) on train_set = (images, labels).
 
     Writes `checkpoint_path` atomically after every epoch; resume=True continues from it and gives the
     same result as an uninterrupted run. Returns (model to keep, info dict). Under torchrun every rank
@@ -650,48 +880,17 @@ def _train(model, train_set, val_set, cfg, *, device, checkpoint_path, resume, l
         model.to(memory_format=torch.channels_last)
     if cfg.batch_size % world_size:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {world_size} processes")
-    images, labels = train_set
-    if cfg.n_train is not None:
-        images, labels = images[:cfg.n_train], labels[:cfg.n_train]
     data_gen = torch.Generator().manual_seed(cfg.seed)
     noise_gen = torch.Generator(device).manual_seed(cfg.seed + 1 + rank)
-    batches = Batches(images, labels, cfg.batch_size // world_size, device=device, train=True,
-                      generator=data_gen, rank=rank, world_size=world_size, channels_last=channels_last)
-    if len(batches) == 0:
-        raise UserError(f"{len(labels)} training images make no batch of {cfg.batch_size}; "
-                        f"lower --batch-size or raise --n-train")
-    val_batches = Batches(*val_set, cfg.batch_size, device=device, channels_last=channels_last) if master else None
-
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=0.0, momentum=cfg.momentum, nesterov=True)
+    batches, val_batches, select_batches = _training_batches(train_set, val_set, cfg, device, data_gen, rank,
+                                                             world_size, channels_last)
+    optimizer = _sgd(model, cfg)
     ema = EMA(model, cfg.ema) if cfg.ema else None
-    config = dataclasses.asdict(cfg)
-    start_epoch, total_epochs, history, elapsed = 0, cfg.epochs, [], 0.0
+    run = _Run(total_epochs=cfg.epochs)
     if resume:
-        if not os.path.isfile(checkpoint_path):
-            raise UserError(f"--resume: no checkpoint {checkpoint_path}; run without --resume to start")
-        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)   # RNG states stay on the CPU
-        changed = {k: (ckpt["config"].get(k), v) for k, v in config.items()
-                   if k not in ("compile", "val_every") and ckpt["config"].get(k) != v}
-        if changed:
-            raise UserError(f"--resume: {checkpoint_path} was made with other settings "
-                            f"({', '.join(f'{k}: {a} there, {b} now' for k, (a, b) in changed.items())}); "
-                            f"repeat its command, or delete it to start over")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ema:
-            ema.model.load_state_dict(ckpt["ema"])
-            ema.updates = ckpt["ema_updates"]
-        data_gen.set_state(ckpt["rng"]["data"])
-        noise_gen.set_state(ckpt["rng"]["noise"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        start_epoch, total_epochs = ckpt["epoch"], ckpt["total_epochs"]
-        history, elapsed = list(ckpt["history"]), ckpt["elapsed"]
+        _restore(checkpoint_path, cfg, model, optimizer, ema, data_gen, noise_gen, run)
         if master:
-            log(f"resuming {checkpoint_path} after epoch {start_epoch} of {total_epochs}")
+            log(f"resuming {checkpoint_path} after epoch {run.epoch} of {run.total_epochs}")
     elif master and os.path.isfile(checkpoint_path):
         log(f"note: starting over; {checkpoint_path} (an unfinished run) will be overwritten. Ctrl-C and add "
             f"--resume to continue it instead")
@@ -703,80 +902,215 @@ def _train(model, train_set, val_set, cfg, *, device, checkpoint_path, resume, l
     core = model
     if cfg.compile:
         ddp_model, core = torch.compile(ddp_model), torch.compile(model)
-
-    steps_per_epoch = len(batches)
-    epoch = start_epoch
-    t_start = time.perf_counter() - elapsed
-    while total_epochs is None or epoch < total_epochs:
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen, steady = 0, None
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{total_epochs or '?'}", disable=not master,
-                   leave=False, dynamic_ncols=True)
-        for i, (x, y) in enumerate(bar):
-            progress = epoch + i / steps_per_epoch
-            # until the length is fixed (time budget, during epoch 1) only the warm-up applies
-            lr = lr_at(progress, total_epochs or math.inf, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss, corr = train_step(ddp_model, core, x, y, cfg, optimizer, noise_gen, device)
-            loss_sum += loss
-            correct += corr
-            seen += len(y)
-            if ema:
-                ema.update(model)
-            if total_epochs is None and i + 1 == 5 and steps_per_epoch > 10:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                steady = (time.perf_counter(), i + 1)     # after cudnn autotuning / compilation
-            if (i + 1) % 20 == 0 or i + 1 == steps_per_epoch:
-                mean_loss = loss_sum.item() / seen        # the one host sync, every 20 steps
-                if not math.isfinite(mean_loss):
-                    kept = f"; the last good epoch is in {checkpoint_path}" if epoch > 0 else ""
-                    raise TrainingError(f"loss became {mean_loss} in epoch {epoch + 1}: lower --lr "
-                                        f"(now {cfg.lr}){kept}")
-                bar.set_postfix(loss=f"{mean_loss:.3f}", adv_acc=f"{100 * correct.item() / seen:.1f}",
-                                img_s=f"{seen * world_size / (time.perf_counter() - t0):.0f}", lr=f"{lr:.3f}")
-        bar.close()
-        epoch += 1
-        epoch_time = time.perf_counter() - t0
-        record = {"epoch": epoch, "loss": loss_sum.item() / seen, "adv_train_acc": 100 * correct.item() / seen,
-                  "seconds": round(epoch_time, 2), "images_per_s": round(seen * world_size / epoch_time)}
-        fix_length = total_epochs is None
+    awp_weights = ([m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+                   if cfg.awp else None)
+    step_objects = dict(net=model, model=ddp_model, core=core, optimizer=optimizer, ema=ema, noise_gen=noise_gen,
+                        awp_weights=awp_weights, world_size=world_size)
+    t_start = time.perf_counter() - run.elapsed
+    first = True
+    while run.total_epochs is None or run.epoch < run.total_epochs:
+        record, per_epoch = _train_epoch(run, batches, cfg, master=master, first=first, log=log, **step_objects)
+        first = False
+        run.epoch += 1
+        fix_length = run.total_epochs is None
         val_seconds = 0.0
-        if master and (fix_length or epoch % cfg.val_every == 0 or epoch == total_epochs):
+        if master and (fix_length or run.epoch % cfg.val_every == 0 or run.epoch == run.total_epochs):
             tv = time.perf_counter()
-            record["val_clean"], record["val_pgd10"] = validate(model, val_batches, seed=cfg.seed)
+            record.update(_validate(run, model, ema, val_batches, select_batches, cfg, log))
             val_seconds = time.perf_counter() - tv
         if fix_length:
-            per_epoch = epoch_time      # too few steps to leave out the warm-up: the whole epoch
-            if steady is not None:
-                per_epoch = (t0 + epoch_time - steady[0]) / (steps_per_epoch - steady[1]) * steps_per_epoch
-            total_epochs = budget_epochs(cfg, epoch, per_epoch, time.perf_counter() - t_start, val_seconds,
-                                         device, world_size)
+            run.total_epochs = budget_epochs(cfg, run.epoch, per_epoch, time.perf_counter() - t_start,
+                                             val_seconds, device, world_size)
             if master:
-                log(f"time budget {cfg.time_budget:g} min at {per_epoch:.1f} s per epoch: {total_epochs} epochs")
-        history.append(record)
+                log(f"time budget {cfg.time_budget:g} min at {per_epoch:.1f} s per epoch: "
+                    f"{run.total_epochs} epochs")
+        run.history.append(record)
         if master:
-            val = (f", val clean {record['val_clean']:.2f} PGD-10 {record['val_pgd10']:.2f}"
-                   if "val_clean" in record else "")
-            log(f"epoch {epoch}/{total_epochs}: loss {record['loss']:.4f}, adv train acc "
-                f"{record['adv_train_acc']:.2f}, {record['images_per_s']} img/s, {epoch_time:.1f} s{val}")
-            save_checkpoint({"epoch": epoch, "total_epochs": total_epochs, "config": config,
-                             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "ema": ema.model.state_dict() if ema else None,
-                             "ema_updates": ema.updates if ema else 0,
-                             "rng": _rng_states(data_gen, noise_gen), "history": history,
-                             "elapsed": time.perf_counter() - t_start}, checkpoint_path)
-    elapsed = time.perf_counter() - t_start
-    train_seconds = sum(r["seconds"] for r in history)
+            _log_epoch(run, record, log)
+            run.elapsed = time.perf_counter() - t_start
+            save_checkpoint(_checkpoint(run, cfg, model, optimizer, ema, data_gen, noise_gen), checkpoint_path)
+    return _finish(run, model, ema, val_batches, cfg, batches, device, world_size, master,
+                   time.perf_counter() - t_start, log)
+
+
+def _training_batches(train_set, val_set, cfg, device, data_gen, rank, world_size, channels_last):
+    """(this rank's training batches, validation batches, the APGD check's batches); the last two on rank 0
+    alone, which validates."""
+    images, labels = train_set
+    if cfg.n_train is not None:
+        images, labels = images[:cfg.n_train], labels[:cfg.n_train]
+    batches = Batches(images, labels, cfg.batch_size // world_size, device=device, train=True,
+                      generator=data_gen, rank=rank, world_size=world_size, channels_last=channels_last)
+    if len(batches) == 0:
+        raise UserError(f"{len(labels)} training images make no batch of {cfg.batch_size}; "
+                        f"lower --batch-size or raise --n-train")
+    if rank != 0:
+        return batches, None, None
+    return (batches, Batches(*val_set, cfg.batch_size, device=device, channels_last=channels_last),
+            Batches(val_set[0][:cfg.select_n], val_set[1][:cfg.select_n], cfg.batch_size, device=device,
+                    channels_last=channels_last))
+
+
+def _sgd(model, cfg):
+    """Nesterov SGD, weight decay on conv and linear weights only (not on BatchNorm or biases)."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}],
+                           lr=0.0, momentum=cfg.momentum, nesterov=True)
+
+
+def _restore(path, cfg, model, optimizer, ema, data_gen, noise_gen, run):
+    """Load a checkpoint into the run's objects, after checking that it is one and fits these settings."""
+    if not os.path.isfile(path):
+        raise UserError(f"--resume: no checkpoint {path}; run without --resume to start")
+    ckpt = _torch_load(path, "checkpoint")      # RNG states stay on the CPU
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(CHECKPOINT_KEYS)
+    if missing or not isinstance(ckpt["config"], dict):
+        raise UserError(f"{path}: not a training checkpoint of this version (missing {', '.join(missing)}); "
+                        f"delete it to start over")
+    defaults = dataclasses.asdict(TrainConfig())
+    changed = {k: (ckpt["config"].get(k, defaults[k]), v) for k, v in dataclasses.asdict(cfg).items()
+               if k not in ("compile", "val_every") and ckpt["config"].get(k, defaults[k]) != v}
+    if changed:
+        raise UserError(f"--resume: {path} was made with other settings "
+                        f"({', '.join(f'{k}: {a} there, {b} now' for k, (a, b) in changed.items())}); "
+                        f"repeat its command, or delete it to start over")
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ema:
+            ema.model.load_state_dict(ckpt["ema"])
+            ema.updates = int(ckpt["ema_updates"])
+        data_gen.set_state(ckpt["rng"]["data"])
+        noise_gen.set_state(ckpt["rng"]["noise"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        run.epoch, run.total_epochs = int(ckpt["epoch"]), ckpt["total_epochs"]
+        run.history, run.elapsed = list(ckpt["history"]), float(ckpt["elapsed"])
+        run.best, run.best_state = ckpt["best"], ckpt["best_state"]
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{path}: does not fit this run ({e.__class__.__name__}: {first}); "
+                        f"delete it to start over") from None
+
+
+def _checkpoint(run, cfg, model, optimizer, ema, data_gen, noise_gen):
+    return {"epoch": run.epoch, "total_epochs": run.total_epochs, "config": dataclasses.asdict(cfg),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "ema": ema.model.state_dict() if ema else None, "ema_updates": ema.updates if ema else 0,
+            "rng": _rng_states(data_gen, noise_gen), "history": run.history, "elapsed": run.elapsed,
+            "best": run.best, "best_state": run.best_state}
+
+
+def _train_epoch(run, batches, cfg, *, net, model, core, optimizer, ema, noise_gen, awp_weights, world_size,
+                 master, first, log):
+    """One epoch of training steps of `net` (`model`: its DDP wrapper, `core`: it compiled, or itself).
+    Returns (record, seconds one epoch takes once warmed up); the first epoch of a process logs an
+    estimate of the run's length."""
+    device = batches.images.device
+    steps = len(batches)
+    total = run.total_epochs or math.inf        # until the length is fixed only the warm-up applies
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen, steady = 0, None
+    t0 = time.perf_counter()
+    bar = tqdm(batches, desc=f"epoch {run.epoch + 1}/{run.total_epochs or '?'}", disable=not master,
+               leave=False, dynamic_ncols=True)
+    for i, (x, y) in enumerate(bar):
+        progress = run.epoch + i / steps
+        lr = lr_at(progress, total, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, corr = train_step(model, core, x, y, cfg, optimizer, noise_gen, eps=eps_at(progress, total, cfg),
+                                awp_weights=awp_weights if progress >= cfg.awp_warmup else None,
+                                world_size=world_size)
+        loss_sum += loss
+        correct += corr
+        seen += len(y)
+        if ema:
+            (ema.update if (progress + 1 / steps) / total >= cfg.ema_start else ema.follow)(net)
+        if i + 1 == STEADY_STEP and steps > 2 * STEADY_STEP:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            steady = (time.perf_counter(), i + 1)     # after cudnn autotuning / compilation
+            if first and master:
+                _log_estimate(run, cfg, (steady[0] - t0) / steady[1] * steps, log)
+        if (i + 1) % 20 == 0 or i + 1 == steps:
+            mean_loss = loss_sum.item() / seen        # the one host sync, every 20 steps
+            if not math.isfinite(mean_loss):
+                kept = "; the last good epoch is in the checkpoint (--resume)" if run.epoch > 0 else ""
+                raise TrainingError(f"loss became {mean_loss} in epoch {run.epoch + 1}: lower --lr "
+                                    f"(now {cfg.lr}){kept}")
+            bar.set_postfix(loss=f"{mean_loss:.3f}", adv_acc=f"{100 * correct.item() / seen:.1f}",
+                            img_s=f"{seen * world_size / (time.perf_counter() - t0):.0f}", lr=f"{lr:.3f}")
+    bar.close()
+    epoch_time = time.perf_counter() - t0
+    per_epoch = epoch_time      # too few steps to leave out the warm-up: the whole epoch
+    if steady is not None:
+        per_epoch = (t0 + epoch_time - steady[0]) / (steps - steady[1]) * steps
+    record = {"epoch": run.epoch + 1, "loss": loss_sum.item() / seen, "adv_train_acc": 100 * correct.item() / seen,
+              "seconds": round(epoch_time, 2), "images_per_s": round(seen * world_size / epoch_time)}
+    return record, per_epoch
+
+
+def _log_estimate(run, cfg, per_epoch, log):
+    """After the first steps: how long an epoch and the whole run will take here (before cudnn's tuning
+    and compilation end this is an overestimate)."""
+    length = (f"{run.total_epochs - run.epoch} more epochs, about {_duration(per_epoch * (run.total_epochs - run.epoch))}"
+              if run.total_epochs else f"the time budget of {cfg.time_budget:g} min fixes the length after this epoch")
+    log(f"estimate from the first {STEADY_STEP} steps: about {_duration(per_epoch)} per epoch; {length}")
+
+
+def _duration(seconds):
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _validate(run, model, ema, val_batches, select_batches, cfg, log):
+    """The validation check after an epoch: clean and PGD-10 accuracy of the live weights; with
+    select_from, the APGD check of the live and EMA weights (from select_from of the run on, and at the
+    first check of a time-budget run, whose cost the budget needs), keeping the best weights seen."""
+    record = {}
+    record["val_clean"], record["val_pgd10"] = validate(model, val_batches, eps=cfg.eps, seed=cfg.seed)
+    if cfg.select_from is None:
+        return record
+    fraction = run.epoch / run.total_epochs if run.total_epochs else None
+    selecting = fraction is not None and fraction >= cfg.select_from
+    if not selecting and fraction is not None:
+        return record
+    for name, net in [("live", model)] + ([("ema", ema.model)] if ema else []):
+        robust, clean = apgd_check(net, select_batches, cfg)
+        record[f"val_apgd_{name}"], record[f"val_apgd_clean_{name}"] = robust, clean
+        if selecting and (run.best is None or (robust, clean) > (run.best["apgd"], run.best["clean"])):
+            run.best = {"epoch": run.epoch, "weights": name, "apgd": robust, "clean": clean}
+            run.best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+    return record
+
+
+def _log_epoch(run, record, log):
+    val = ""
+    if "val_clean" in record:
+        val = f", val clean {record['val_clean']:.2f} PGD-10 {record['val_pgd10']:.2f}"
+        for name in ("live", "ema"):
+            if f"val_apgd_{name}" in record:
+                val += f", APGD {name} {record[f'val_apgd_{name}']:.2f}"
+    log(f"epoch {run.epoch}/{run.total_epochs}: loss {record['loss']:.4f}, adv train acc "
+        f"{record['adv_train_acc']:.2f}, {record['images_per_s']} img/s, {record['seconds']:.1f} s{val}")
+
+
+def _finish(run, model, ema, val_batches, cfg, batches, device, world_size, master, elapsed, log):
+    """Choose the weights to keep and describe the run: the best APGD check with select_from, else the
+    better of the final and EMA weights by validation PGD-10."""
+    train_seconds = sum(r["seconds"] for r in run.history)
     model.eval()
-    info = {"epochs": total_epochs, "train_images": len(labels), "wall_seconds": round(elapsed, 1),
+    info = {"epochs": run.total_epochs, "train_images": len(batches.labels), "wall_seconds": round(elapsed, 1),
             "train_seconds": round(train_seconds, 1),
-            "images_per_s": round(len(batches) * cfg.batch_size * total_epochs / max(train_seconds, 1e-9)),
-            "world_size": world_size, "device": device_name(device), "config": config,
-            "history": history, "weights": "final"}
+            "images_per_s": round(len(batches) * cfg.batch_size * run.total_epochs / max(train_seconds, 1e-9)),
+            "world_size": world_size, "device": device_name(device), "config": dataclasses.asdict(cfg),
+            "history": run.history, "weights": "final"}
     if world_size > 1:
         checksum = torch.stack([p.detach().double().sum() for p in model.parameters()])   # one per tensor
         gathered = [torch.zeros_like(checksum) for _ in range(world_size)]
@@ -784,9 +1118,15 @@ def _train(model, train_set, val_set, cfg, *, device, checkpoint_path, resume, l
         info["ranks_agree"] = all(torch.equal(g, checksum) for g in gathered)
         if master:
             log(f"weights identical across {world_size} ranks: {info['ranks_agree']}")
-    if ema and master:
-        final = history[-1]
-        ema_clean, ema_robust = validate(ema.model, val_batches, seed=cfg.seed)
+    if master and run.best is not None:
+        model.load_state_dict(run.best_state)
+        info["selected"] = run.best
+        info["weights"] = f"{run.best['weights']} weights of epoch {run.best['epoch']}"
+        log(f"keeping the {info['weights']} (validation APGD {run.best['apgd']:.2f}, clean "
+            f"{run.best['clean']:.2f}, on {min(cfg.select_n, len(val_batches.labels))} images)")
+    elif ema and master:
+        final = run.history[-1]
+        ema_clean, ema_robust = validate(ema.model, val_batches, eps=cfg.eps, seed=cfg.seed)
         info["ema_val"] = {"clean": ema_clean, "pgd10": ema_robust}
         log(f"validation: final weights {final['val_clean']:.2f} / {final['val_pgd10']:.2f}, "
             f"EMA {ema_clean:.2f} / {ema_robust:.2f} (clean / PGD-10)")
@@ -835,22 +1175,38 @@ def collect_statistics(model, batches):
         m.std.copy_((q / n - mean.square()).clamp_min(0).sqrt().float())
 
 
-def choose_alpha(sweep, criterion="bpda", max_clean_drop=CLEAN_DROP_LIMIT):
+def paired_gain(robust, base):
+    """(mean, standard error) in points of the per-image difference robust - base (bool tensors over the
+    same images): the paired comparison of two alphas."""
+    d = robust.double() - base.double()
+    se = float(d.std()) / math.sqrt(len(d)) if len(d) > 1 else math.inf
+    return 100.0 * float(d.mean()), 100.0 * se
+
+
+def choose_alpha(sweep, criterion="adaptive", max_clean_drop=CLEAN_DROP_LIMIT):
     """The alpha with the highest `criterion` accuracy among those whose clean accuracy is within
-    max_clean_drop points of alpha = 0 (ties: the smaller alpha)."""
+    max_clean_drop points of alpha = 0 (ties: the smaller alpha). With "adaptive" an alpha > 0 must also
+    beat alpha 0 by more than SIGNIFICANCE standard errors of the paired per-image difference."""
     base = next(row for row in sweep if row["alpha"] == 0)
-    allowed = [row for row in sweep if row["clean"] >= base["clean"] - max_clean_drop]
+    allowed = [row for row in sweep if row["clean"] >= base["clean"] - max_clean_drop
+               and (criterion != "adaptive" or row["alpha"] == 0 or row["gain"] > SIGNIFICANCE * row["gain_se"])]
     return max(allowed, key=lambda row: (row[criterion], -row["alpha"]))["alpha"]
 
 
-def calibrate(model, train_batches, val_batches, alphas, *, steps, eps=EPS_LINF, criterion="bpda",
-              seed=0, log=print):
-    """Collect MeanSparse statistics on train_batches, sweep alphas on val_batches (clean, plain PGD,
-    BPDA PGD, L-inf), set the chosen alpha. Returns (alpha, sweep rows)."""
+def adaptive_components(alpha):
+    """The adaptive evaluation's attacks at MeanSparse threshold alpha: at 0 the transfer attack is APGD-CE."""
+    return tuple(c for c in ADAPTIVE if alpha > 0 or c != "apgd-ce-transfer")
+
+
+def calibrate(model, train_batches, val_batches, alphas, *, steps, eps=EPS_LINF, criterion="adaptive",
+              apgd_iters=APGD_ITERS, seed=0, log=print):
+    """Collect MeanSparse statistics on train_batches, sweep alphas (0 always among them) on val_batches:
+    clean, plain PGD and BPDA PGD accuracy (L-inf), and with the adaptive criterion the APGD worst case
+    with its paired gain over alpha 0. Sets the chosen alpha; returns (alpha, sweep rows)."""
     collect_statistics(model, train_batches)
     model.eval()
-    sweep = []
-    for alpha in alphas:
+    sweep, base = [], None
+    for alpha in sorted(set(alphas) | {0.0}):
         set_alpha(model, alpha)
         gen = torch.Generator(val_batches.images.device)
         row = {"alpha": alpha, "clean": evaluate(model, val_batches, desc=f"alpha {alpha:g} clean")}
@@ -858,14 +1214,32 @@ def calibrate(model, train_batches, val_batches, alphas, *, steps, eps=EPS_LINF,
         row["plain"] = evaluate(model, val_batches, attack, desc=f"alpha {alpha:g} PGD")
         attack = make_pgd("linf", eps, eps / 4, steps, generator=gen.manual_seed(seed), use_bpda=True)
         row["bpda"] = evaluate(model, val_batches, attack, desc=f"alpha {alpha:g} BPDA")
+        line = (f"  alpha {alpha:5.3f}: clean {row['clean']:6.2f}  PGD-{steps} {row['plain']:6.2f}  "
+                f"BPDA PGD-{steps} {row['bpda']:6.2f}")
+        if criterion == "adaptive":
+            robust, _ = apgd_robust(model, val_batches, adaptive_components(alpha), norm="linf", eps=eps,
+                                    iters=apgd_iters, seed=seed)
+            base = robust if alpha == 0 else base
+            row["adaptive"] = 100.0 * robust.float().mean().item()
+            row["gain"], row["gain_se"] = paired_gain(robust, base)
+            line += f"  adaptive {row['adaptive']:6.2f}"
+            if alpha > 0:
+                line += f" ({row['gain']:+.2f} +- {row['gain_se']:.2f} against alpha 0)"
         sweep.append(row)
-        log(f"  alpha {alpha:5.3f}: clean {row['clean']:6.2f}  PGD-{steps} {row['plain']:6.2f}  "
-            f"BPDA PGD-{steps} {row['bpda']:6.2f}")
+        log(line)
     alpha = choose_alpha(sweep, criterion)
     set_alpha(model, alpha)
-    note = " (plain PGD sees a masked gradient: this choice may overstate robustness)" \
-        if criterion == "plain" else ""
-    log(f"chosen alpha {alpha:g} by {criterion} accuracy{note}")
+    if criterion == "adaptive" and alpha == 0 and len(sweep) > 1:
+        best = max(sweep[1:], key=lambda row: (row["adaptive"], -row["alpha"]))
+        log(f"chosen alpha 0: MeanSparse did not help this model. No alpha beat alpha 0 under the adaptive "
+            f"attack by more than {SIGNIFICANCE:g} standard errors of the paired difference with clean accuracy "
+            f"within {CLEAN_DROP_LIMIT:g} points (best: alpha {best['alpha']:g}, {best['gain']:+.2f} +- "
+            f"{best['gain_se']:.2f})")
+    else:
+        note = {"plain": " (plain PGD sees a masked gradient: this choice rewards gradient masking, not "
+                         "robustness)",
+                "bpda": " (BPDA PGD-20 has credited MeanSparse with gains that APGD does not find)"}
+        log(f"chosen alpha {alpha:g} by {criterion} accuracy{note.get(criterion, '')}")
     return alpha, sweep
 
 
@@ -889,13 +1263,14 @@ def evaluate(model, batches, attack=None, desc="natural", verbose=True):
     for x, y in tqdm(batches, desc=desc, leave=False, disable=not verbose):
         if attack is not None:
             x = attack(model, x, y)
-        with torch.no_grad():
+        with torch.inference_mode():
             correct += (model(x).argmax(1) == y).sum().item()
         n += len(y)
     return 100.0 * correct / max(n, 1)
 
 
-ATTACKS = ("natural", "pgd-linf", "pgd-l2", "bpda-linf", "bpda-l2", "transfer-linf", "aa-linf", "aa-l2")
+ATTACKS = ("natural", "pgd-linf", "pgd-l2", "bpda-linf", "bpda-l2", "transfer-linf", "apgd-linf", "apgd-l2",
+           "aa-linf", "aa-l2")
 
 
 def attack_settings(name, args):
@@ -906,6 +1281,8 @@ def attack_settings(name, args):
     eps = args.eps_linf if norm == "linf" else args.eps_l2
     if name.startswith("aa-"):
         return {"norm": norm, "eps": eps, "version": "standard", "bpda": True}
+    if name.startswith("apgd-"):
+        return {"norm": norm, "eps": eps, "iters": args.apgd_iters, "restarts": 1, "bpda": True}
     step = (args.step_linf if norm == "linf" else args.step_l2) or eps / 4
     return {"norm": norm, "eps": eps, "step_size": step, "steps": args.steps, "restarts": args.restarts,
             "bpda": name.startswith("bpda-"), "crafted_at_alpha": 0.0 if name.startswith("transfer-") else None}
@@ -925,12 +1302,10 @@ class _AutoAttackLog(logging.Handler):
 
 
 def autoattack_accuracy(model, images, labels, *, norm, eps, batch_size, seed, device, log=print):
-    """Standard AutoAttack (pyautoattack) under BPDA through MeanSparse: (accuracy %, details), where
-    details has the package version and AutoAttack's own log lines."""
-    try:
-        import pyautoattack
-    except ImportError:
-        raise UserError("AutoAttack needs the official code: pip install pyautoattack") from None
+    """Standard AutoAttack (pyautoattack) under BPDA through MeanSparse: (accuracy %, details). The accuracy
+    is the model's own forward pass on AutoAttack's adversarial images; details has the package version and
+    AutoAttack's own log lines."""
+    pyautoattack = import_pyautoattack()
     x = images.to(device).float().div(255)
     y = labels.to(device)
     adversary = pyautoattack.AutoAttack(model, norm="Linf" if norm == "linf" else "L2", eps=eps,
@@ -941,12 +1316,31 @@ def autoattack_accuracy(model, images, labels, *, norm, eps, batch_size, seed, d
     logger.addHandler(handler)
     try:
         with bpda(model):
-            _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+            x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+    accuracy = evaluate(model, [(x_adv[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)],
+                        verbose=False)
     details = {"pyautoattack": getattr(pyautoattack, "__version__", "unknown"), "log": handler.lines}
-    return 100.0 * (y_adv == y).float().mean().item(), details
+    return accuracy, details
+
+
+def adaptive_accuracy(model, batches, *, norm, eps, iters, seed, log=print):
+    """The adaptive evaluation (`apgd-linf`, `apgd-l2`): APGD-CE and APGD-T under BPDA and APGD-CE crafted
+    with MeanSparse off, an image robust only if it survives all of them. Returns (worst-case accuracy %,
+    details with the clean accuracy and each component's figures)."""
+    components = adaptive_components(get_alpha(model))
+    robust, stats = apgd_robust(model, batches, components, norm=norm, eps=eps, iters=iters, seed=seed)
+    for name in components:
+        c = stats[name]
+        own = f"{c['accuracy']:6.2f} %" if c["accuracy"] is not None else \
+            f"broke {c['broke']} of the {c['attacked']} images the others left"
+        log(f"  {name:17s} {own}  {c['seconds']:8.1f} s")
+    pyautoattack = import_pyautoattack()
+    return 100.0 * robust.float().mean().item(), {"components": {k: stats[k] for k in components},
+                                                  "clean": stats["clean"],
+                                                  "pyautoattack": getattr(pyautoattack, "__version__", "unknown")}
 
 
 def run_attack(model, name, batches, args, device):
@@ -958,6 +1352,10 @@ def run_attack(model, name, batches, args, device):
         accuracy, details = autoattack_accuracy(model, batches.images, batches.labels, norm=settings["norm"],
                                                 eps=settings["eps"], batch_size=batches.batch_size,
                                                 seed=args.seed, device=device)
+        return accuracy, {**settings, **details}
+    if name.startswith("apgd-"):
+        accuracy, details = adaptive_accuracy(model, batches, norm=settings["norm"], eps=settings["eps"],
+                                              iters=settings["iters"], seed=args.seed)
         return accuracy, {**settings, **details}
     gen = torch.Generator(device).manual_seed(args.seed)
     attack = make_pgd(settings["norm"], settings["eps"], settings["step_size"], settings["steps"],
@@ -982,24 +1380,64 @@ def robustness_curves(model, batches, args, device):
     return curves
 
 
-def plot_curves(curves, path, title):
-    import matplotlib      # optional: parse_args has checked that it is installed
+def plot_report(report, path, title):
+    """One figure, a panel per part of `report` this run produced: training curves (loss; adversarial
+    training and validation accuracies per epoch), the MeanSparse alpha sweep, accuracy against eps."""
+    import matplotlib      # parse_args has checked that it is installed
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, norm in zip(axes, ("linf", "l2")):
-        for kind, style in (("pgd", "-o"), ("bpda", "--s")):
-            c = curves[f"{kind}-{norm}"]
-            xs = [e * 255 for e in c["eps"]] if norm == "linf" else c["eps"]
-            ax.plot(xs, c["accuracy"], style, label="plain PGD" if kind == "pgd" else "BPDA PGD")
-        ax.set_xlabel("eps (x/255)" if norm == "linf" else "eps (L2)")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title(f"{title}, {'L-inf' if norm == 'linf' else 'L2'}")
+    panels = []
+    if "training" in report:
+        panels += [_plot_training_loss, _plot_training_accuracy]
+    if "calibration" in report:
+        panels.append(_plot_sweep)
+    panels += [lambda ax, r: _plot_curves(ax, r, "linf"), lambda ax, r: _plot_curves(ax, r, "l2")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        panel(ax, report)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    extension = os.path.splitext(path)[1][1:] or "png"
+    atomic_write(path, lambda f: fig.savefig(f, format=extension, dpi=120))
     plt.close(fig)
+
+
+def _plot_training_loss(ax, report):
+    history = report["training"]["history"]
+    ax.plot([r["epoch"] for r in history], [r["loss"] for r in history], "-")
+    ax.set(xlabel="epoch", ylabel="training loss", title="training loss")
+
+
+def _plot_training_accuracy(ax, report):
+    history = report["training"]["history"]
+    for key, label in (("adv_train_acc", "adversarial, training batches"), ("val_clean", "val clean"),
+                       ("val_pgd10", "val PGD-10"), ("val_apgd_live", "val APGD (live)"),
+                       ("val_apgd_ema", "val APGD (EMA)")):
+        points = [(r["epoch"], r[key]) for r in history if key in r]
+        if points:
+            ax.plot(*zip(*points), "-" if key == "adv_train_acc" else "-o", markersize=3, label=label)
+    ax.set(xlabel="epoch", ylabel="accuracy (%)", title="training")
+
+
+def _plot_sweep(ax, report):
+    sweep = report["calibration"]["sweep"]
+    for key, label in (("clean", "clean"), ("plain", "plain PGD"), ("bpda", "BPDA PGD"), ("adaptive", "APGD worst case")):
+        if key in sweep[0]:
+            ax.plot([r["alpha"] for r in sweep], [r[key] for r in sweep], "-o", markersize=3, label=label)
+    ax.axvline(report["calibration"]["alpha"], color="grey", linestyle=":", label="chosen")
+    ax.set(xlabel="MeanSparse alpha", ylabel="accuracy (%)", title="alpha sweep (validation)")
+
+
+def _plot_curves(ax, report, norm):
+    for kind, style in (("pgd", "-o"), ("bpda", "--s")):
+        c = report["curves"][f"{kind}-{norm}"]
+        xs = [e * 255 for e in c["eps"]] if norm == "linf" else c["eps"]
+        ax.plot(xs, c["accuracy"], style, markersize=3, label="plain PGD" if kind == "pgd" else "BPDA PGD")
+    ax.set(xlabel="eps (x/255)" if norm == "linf" else "eps (L2)", ylabel="accuracy (%)",
+           title=f"accuracy against eps, {'L-inf' if norm == 'linf' else 'L2'}")
 
 
 def sanity_checks(model, batches, args, device, log=print):
@@ -1037,31 +1475,68 @@ def sanity_checks(model, batches, args, device, log=print):
 # ----------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------
-def _fraction(text):
-    """A float, or a fraction such as 8/255."""
+def _number(text):
+    """A finite float, or a fraction such as 8/255."""
     try:
         if "/" in text:
             num, den = text.split("/")
-            return float(num) / float(den)
-        return float(text)
+            value = float(num) / float(den)
+        else:
+            value = float(text)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"not a number: {text!r} (use e.g. 0.031 or 8/255)") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
 
 
 def _non_negative(text):
-    value = _fraction(text)
+    value = _number(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
-def _positive_int(text):
+def _positive(text):
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _unit_fraction(text):
+    value = _number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction of the run between 0 and 1, got {text}")
+    return value
+
+
+def _linf_radius(text):
+    """An L-inf radius or step in [0,1] pixel units: above 1 is almost surely 8 meant as 8/255."""
+    value = _non_negative(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text} is above 1, the whole [0,1] pixel range: did you mean {text}/255?")
+    return value
+
+
+def _int(text):
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _positive_int(text):
+    value = _int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _non_negative_int(text):
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -1075,89 +1550,118 @@ def _attack_list(text):
 
 
 def _alpha_list(text):
-    try:
-        values = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"alphas must be >= 0: {text!r}")
+    values = [_non_negative(t) for t in text.split(",") if t.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"not a list of alphas: {text!r}")
     return sorted(set(values) | {0.0})      # alpha = 0 is the reference of the clean-accuracy rule
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):     # one line, not the whole usage block
+        message = message.replace("argument ", "", 1) if message.startswith("argument ") else message
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parse_args(argv=None):
-    p = _Parser(description="Train and honestly evaluate a robust CIFAR-10 WideResNet with MeanSparse.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model-file", default=Net.model_file, help="model file to test, train or calibrate")
+    p = _Parser(description="Train and honestly evaluate a robust CIFAR-10 WideResNet with MeanSparse.")
+    p.add_argument("--model-file", help=f"model file to test, train or calibrate (default {Net.model_file}, "
+                                        f"the committed model that Net() loads)")
     p.add_argument("-f", "--force-train", action="store_true", help="train even if the model file exists")
-    p.add_argument("-e", "--num-epochs", type=_positive_int, default=None,
+    p.add_argument("-e", "--num-epochs", type=_positive_int,
                    help="training epochs (default 30, or as many as --time-budget allows)")
     g = p.add_argument_group("data and device")
-    g.add_argument("--data-dir", default=None,
-                   help=f"folder holding cifar-10-batches-py/ (default $CIFAR10_DIR, else {DEFAULT_DATA_DIR}; "
-                        "downloaded there if missing)")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    g.add_argument("--batch-size", type=_positive_int, default=512)
-    g.add_argument("--split", choices=("val", "test"), default="test", help="evaluation split")
-    g.add_argument("--n-eval", type=_positive_int, default=None, help="first N images of the split (default all)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--data-dir", help=f"folder holding cifar-10-batches-py/ (default $CIFAR10_DIR, else "
+                                      f"{DEFAULT_DATA_DIR}; downloaded there if missing)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="default auto: cuda if there is one")
+    g.add_argument("--batch-size", type=_positive_int, default=512,
+                   help="training batch, over all processes (default 512)")
+    g.add_argument("--eval-batch-size", type=_positive_int,
+                   help=f"evaluation and calibration batch (default {GPU_EVAL_BATCH} on CUDA, {CPU_BATCH} on "
+                        f"the CPU, where small batches are fastest)")
+    g.add_argument("--split", choices=("val", "test"), default="test", help="evaluation split (default test)")
+    g.add_argument("--n-eval", type=_positive_int, help="the first N images of the split (default all)")
+    g.add_argument("--seed", type=_int, default=0,
+                   help="initial weights, data order, attack random starts (default 0)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", type=_attack_list, default=["natural"], metavar="LIST",
-                   help="comma-separated: " + ", ".join(ATTACKS))
-    g.add_argument("--eps-linf", type=_non_negative, default=EPS_LINF, help="L-inf radius (8/255 accepted)")
-    g.add_argument("--eps-l2", type=_non_negative, default=EPS_L2, help="L2 radius")
-    g.add_argument("--steps", type=int, default=EVAL_STEPS, help="PGD steps (evaluation and calibration)")
-    g.add_argument("--step-linf", type=_non_negative, default=None, help="L-inf step size (default eps/4)")
-    g.add_argument("--step-l2", type=_non_negative, default=None, help="L2 step size (default eps/4)")
-    g.add_argument("--restarts", type=_positive_int, default=1)
-    g.add_argument("--alpha", type=_non_negative, default=None,
-                   help="MeanSparse alpha for this evaluation only (0 turns MeanSparse off)")
-    g.add_argument("--report", default=None, metavar="FILE.json", help="write the results as JSON")
-    g.add_argument("--plot", default=None, metavar="FILE.png", help="plot accuracy against eps (matplotlib)")
+                   help=f"comma-separated attacks from {', '.join(ATTACKS)} (default natural)")
+    g.add_argument("--eps-linf", type=_linf_radius, default=EPS_LINF, metavar="EPS",
+                   help="L-inf radius of evaluation and training, fractions accepted (default 8/255)")
+    g.add_argument("--eps-l2", type=_non_negative, default=EPS_L2, metavar="EPS",
+                   help=f"L2 radius (default {EPS_L2:g})")
+    g.add_argument("--steps", type=_non_negative_int, default=EVAL_STEPS,
+                   help=f"PGD steps of evaluation and calibration (default {EVAL_STEPS})")
+    g.add_argument("--step-linf", type=_linf_radius, metavar="SIZE", help="L-inf PGD step (default eps/4)")
+    g.add_argument("--step-l2", type=_non_negative, metavar="SIZE", help="L2 PGD step (default eps/4)")
+    g.add_argument("--restarts", type=_positive_int, default=1,
+                   help="PGD random restarts, worst case kept per image (default 1)")
+    g.add_argument("--apgd-iters", type=_positive_int, default=APGD_ITERS,
+                   help=f"iterations of each APGD run of apgd-* and the adaptive calibration (default {APGD_ITERS})")
+    g.add_argument("--alpha", type=_non_negative,
+                   help="MeanSparse alpha for this evaluation only; 0 turns MeanSparse off (default the file's)")
+    g.add_argument("--report", metavar="FILE.json", help="write the results as JSON")
+    g.add_argument("--plot", metavar="FILE.png", help="plot accuracy against eps, and the alpha sweep and "
+                                                      "training curves of this run (matplotlib)")
     g.add_argument("--sanity", action="store_true", help="check that the attack works (PASS/FAIL, exit 1 on FAIL)")
     g = p.add_argument_group("MeanSparse calibration")
     g.add_argument("--calibrate", action="store_true",
                    help="collect statistics on the training split, choose alpha on validation, save")
-    g.add_argument("--n-train", type=_positive_int, default=None,
-                   help="first N training images (statistics, and training)")
-    g.add_argument("--alpha-grid", type=_alpha_list, default=_alpha_list(ALPHA_GRID))
-    g.add_argument("--alpha-criterion", choices=("bpda", "plain"), default="bpda",
-                   help="accuracy that picks alpha; plain measures a masked gradient")
+    g.add_argument("--n-train", type=_positive_int,
+                   help="the first N training images, for statistics and training: a smoke run (default all)")
+    g.add_argument("--alpha-grid", type=_alpha_list, default=_alpha_list(ALPHA_GRID), metavar="LIST",
+                   help=f"alphas to try, 0 always among them (default {ALPHA_GRID})")
+    g.add_argument("--alpha-criterion", choices=("adaptive", "bpda", "plain"), default="adaptive",
+                   help="what picks alpha: the APGD worst case (default), BPDA PGD, or plain PGD, which "
+                        "rewards gradient masking (see README)")
     g = p.add_argument_group("training")
-    g.add_argument("--arch", default=DEFAULT_ARCH, help="WideResNet DEPTH-WIDTH (Net() is always 28-4)")
-    g.add_argument("--time-budget", type=_non_negative, default=None, metavar="MINUTES",
-                   help="fix the number of epochs so the whole schedule ends within this time")
-    g.add_argument("--train-steps", type=_positive_int, default=5, help="PGD steps K of the training attack")
-    g.add_argument("--trades", type=_non_negative, default=None, metavar="BETA", help="TRADES instead of PGD-AT")
-    g.add_argument("--lr", type=_non_negative, default=0.2, help="peak learning rate")
-    g.add_argument("--warmup-epochs", type=_non_negative, default=2.0)
-    g.add_argument("--label-smoothing", type=_non_negative, default=0.0)
-    g.add_argument("--ema", type=_non_negative, default=None, metavar="DECAY", help="EMA of the weights")
-    g.add_argument("--val-every", type=_positive_int, default=5, help="epochs between validation checks")
+    g.add_argument("--arch", help=f"WideResNet DEPTH-WIDTH to train (default {DEFAULT_ARCH}, what Net() builds)")
+    g.add_argument("--time-budget", type=_positive, metavar="MINUTES",
+                   help="fix the number of epochs so that the whole schedule ends within this time")
+    g.add_argument("--train-steps", type=_non_negative_int, default=5,
+                   help="PGD steps K of the training attack (default 5; 0: no attack)")
+    g.add_argument("--train-step-size", type=_linf_radius, metavar="SIZE",
+                   help="step of the training attack at the full eps (default 2.5 eps/K)")
+    g.add_argument("--eps-ramp", type=_unit_fraction, default=0.0, metavar="F",
+                   help="the training eps rises linearly from 0 over this fraction of the run (default 0: none)")
+    g.add_argument("--trades", type=_non_negative, metavar="BETA", help="TRADES instead of PGD-AT (default off)")
+    g.add_argument("--awp", type=_non_negative, metavar="GAMMA",
+                   help="adversarial weight perturbation of relative size GAMMA, e.g. 5e-3 (default off)")
+    g.add_argument("--awp-warmup", type=_non_negative, default=0.0, metavar="EPOCHS",
+                   help="epochs without AWP at the start (default 0)")
+    g.add_argument("--lr", type=_non_negative, default=0.2, help="peak learning rate (default 0.2)")
+    g.add_argument("--warmup-epochs", type=_non_negative, default=2.0, metavar="EPOCHS",
+                   help="linear learning-rate warm-up (default 2)")
+    g.add_argument("--label-smoothing", type=_non_negative, default=0.0, metavar="S", help="(default 0)")
+    g.add_argument("--ema", type=_number, metavar="DECAY", help="EMA of the weights with this decay (default off)")
+    g.add_argument("--ema-start", type=_unit_fraction, default=0.0, metavar="F",
+                   help="the EMA starts at this fraction of the run, copying the weights before (default 0)")
+    g.add_argument("--select-from", type=_unit_fraction, metavar="F",
+                   help="from this fraction of the run on, keep the weights (live or EMA) with the best "
+                        "validation APGD check (default off: the better of final and EMA by PGD-10)")
+    g.add_argument("--select-n", type=_positive_int, default=SELECT_IMAGES, metavar="N",
+                   help=f"validation images of each APGD check (default {SELECT_IMAGES})")
+    g.add_argument("--val-every", type=_positive_int, default=5, metavar="EPOCHS",
+                   help="epochs between validation checks (default 5)")
     g.add_argument("--resume", action="store_true", help="continue from <model-file>.ckpt")
     g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     args = p.parse_args(argv)
-    if args.steps < 0:
-        p.error("--steps must be >= 0")
+    args.model_file_given = args.model_file is not None
+    args.model_file = args.model_file or Net.model_file
+    args.arch_given = args.arch is not None
+    args.arch = args.arch or DEFAULT_ARCH
     if args.num_epochs and args.time_budget:
         p.error("give -e/--num-epochs or --time-budget, not both")
-    if args.time_budget is not None and args.time_budget <= 0:
-        p.error("--time-budget must be > 0")
     if args.ema is not None and not 0 < args.ema < 1:
         p.error("--ema must be between 0 and 1")
+    if args.ema_start and args.ema is None:
+        p.error("--ema-start needs --ema DECAY")
     if args.label_smoothing >= 1:
         p.error("--label-smoothing must be < 1")
     if args.calibrate and args.alpha is not None:
         p.error("--calibrate chooses alpha itself; drop --alpha")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         p.error("--plot needs matplotlib: pip install matplotlib (or drop --plot; --report keeps the numbers)")
-    for path in (args.report, args.plot):
-        if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
-            p.error(f"cannot write {path}: its folder does not exist or is not writable")
     return args
 
 
@@ -1178,8 +1682,119 @@ def train_config(args):
     return TrainConfig(arch=args.arch, epochs=args.num_epochs if args.num_epochs or args.time_budget else 30,
                        time_budget=args.time_budget, batch_size=args.batch_size, lr=args.lr,
                        warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
-                       attack_steps=args.train_steps, trades=args.trades, ema=args.ema,
-                       val_every=args.val_every, n_train=args.n_train, seed=args.seed, compile=args.compile)
+                       eps=args.eps_linf, attack_steps=args.train_steps, attack_step_size=args.train_step_size,
+                       eps_ramp=args.eps_ramp, trades=args.trades, awp=args.awp, awp_warmup=args.awp_warmup,
+                       ema=args.ema, ema_start=args.ema_start, select_from=args.select_from,
+                       select_n=args.select_n, val_every=args.val_every, n_train=args.n_train, seed=args.seed,
+                       compile=args.compile)
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _same_file(a, b):
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _check_writable(flag, path):
+    """`path` can be written (by atomic_write, which creates missing folders): one line otherwise."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path}: is a directory; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: {folder} is a file, not a folder")
+    try:        # os.access says yes to root on read-only mounts and in /proc: try for real
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write in {folder} ({e.strerror})") from None
+
+
+def check_run(args, train_now, world_size):
+    """Every check that needs no data and no model, before any work: a bad combination, an output path
+    that cannot be written or would overwrite an input or another output, the committed model at risk.
+    Raises UserError; prints warnings for what is odd but allowed."""
+    writes_model = train_now or args.calibrate
+    if world_size > 1 and not args.force_train:
+        raise UserError("torchrun is for training: add --force-train (evaluation runs in one process)")
+    if args.resume and not args.force_train:
+        raise UserError("--resume continues training: add --force-train")
+    if args.resume and not os.path.isfile(args.model_file + ".ckpt"):
+        raise UserError(f"--resume: no checkpoint {args.model_file}.ckpt; run without --resume to start")
+    if train_now and args.alpha and not args.calibrate:
+        raise UserError("--alpha needs MeanSparse statistics, which a newly trained model gets only with "
+                        "--calibrate")
+    needs_apgd = (any(a.startswith(("apgd-", "aa-")) for a in args.eval)
+                  or (args.calibrate and args.alpha_criterion == "adaptive")
+                  or (train_now and args.select_from is not None))
+    if needs_apgd:
+        import_pyautoattack()       # before the work that would end in needing it
+    if writes_model and args.n_train and not args.model_file_given:
+        raise UserError(f"--n-train makes a smoke run: name its output with --model-file (the default, "
+                        f"{args.model_file}, is the committed model)")
+    committed = any(_same_file(args.model_file, p) for p in
+                    (Net.model_file, os.path.join(os.path.dirname(os.path.abspath(__file__)), Net.model_file)))
+    if train_now and committed and parse_arch(args.arch) != parse_arch(DEFAULT_ARCH):
+        raise UserError(f"--arch {args.arch}: {args.model_file} is the file Net() loads (a WRN-{DEFAULT_ARCH}), "
+                        f"which the grader and test_project.py need; pass --model-file for another architecture")
+    outputs = [("--model-file", args.model_file)] if writes_model else []
+    outputs += [("checkpoint", args.model_file + ".ckpt")] if train_now else []
+    outputs += [(flag, path) for flag, path in (("--report", args.report), ("--plot", args.plot)) if path]
+    for i, (flag, path) in enumerate(outputs):
+        _check_writable(flag, path)
+        for other_flag, other in outputs[:i] + ([] if writes_model else [("--model-file", args.model_file)]):
+            if _same_file(path, other):
+                raise UserError(f"{flag} {path} is the same file as {other_flag} {other}; writing it would "
+                                f"destroy that one: give another name")
+    if args.steps == 0 and (args.calibrate or args.sanity or args.plot or
+                            any(a.split("-")[0] in ("pgd", "bpda", "transfer") for a in args.eval)):
+        warn("--steps 0: PGD makes no step, so the PGD rows measure the random start only")
+    split_size = NUM_VAL if args.split == "val" else 10_000
+    if args.n_eval and args.n_eval > split_size:
+        warn(f"--n-eval {args.n_eval}: the {args.split} split has {split_size:,} images; using all of them")
+    if args.arch_given and not train_now:
+        warn(f"--arch {args.arch} is ignored: this run does not train, and {args.model_file} brings its own "
+             f"architecture")
+    if train_now and not args.force_train:
+        warn(f"{args.model_file} does not exist, so this run TRAINS a new model from scratch, as if "
+             f"--force-train were given (an estimate of its length follows after the first steps); "
+             f"Ctrl-C now if the path is misspelt")
+
+
+@contextlib.contextmanager
+def model_file_lock(model_file):
+    """Holds <model-file>.lock (an fcntl lock) while this run may write the model file: a second run that
+    would write it stops at once, naming the first. No-op where fcntl does not exist (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = model_file + ".lock"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not os.path.exists(path) or os.stat(path).st_ino != os.fstat(f.fileno()).st_ino:
+                raise BlockingIOError       # its holder finished and removed it just now: a race, not ours
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UserError(f"{model_file} is being written by another run ({holder}); wait for it to end "
+                            f"or give this one another --model-file") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                f"{' '.join(['./model.py'] + sys.argv[1:])}")
+        f.flush()
+        try:
+            yield
+        finally:
+            os.unlink(path)     # before the lock is released, so that no one locks a file about to vanish
 
 
 def _raise_interrupt(signum, frame):
@@ -1189,25 +1804,25 @@ def _raise_interrupt(signum, frame):
 def run(args):
     rank, world_size, local_rank = distributed_context()
     device = pick_device(args.device)
+    train_now = args.force_train or not os.path.exists(args.model_file)
+    check_run(args, train_now, world_size)
     if world_size > 1:
-        if not args.force_train:
-            raise UserError("torchrun is for training: add --force-train (evaluation runs in one process)")
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    args.eval_batch_size = args.eval_batch_size or (GPU_EVAL_BATCH if device.type == "cuda" else CPU_BATCH)
+    writes_model = (train_now or args.calibrate) and rank == 0
+    with model_file_lock(args.model_file) if writes_model else contextlib.nullcontext():
+        return _run(args, device, train_now, rank, world_size)
+
+
+def _run(args, device, train_now, rank, world_size):
     data_dir = resolve_data_dir(args.data_dir)
     log = print if rank == 0 else (lambda *a, **k: None)
     checkpoint_path = args.model_file + ".ckpt"
-    train_now = args.force_train or not os.path.exists(args.model_file)
-    if train_now and args.alpha and not args.calibrate:
-        raise UserError("--alpha needs MeanSparse statistics, which a newly trained model gets only with "
-                        "--calibrate")
-    meta = {}
     train_split = load_cifar10(data_dir, "train") if train_now or args.calibrate else None
     if train_now:
-        if not args.force_train:
-            log(f"{args.model_file} does not exist: training it")
         cfg = train_config(args)
         if device.type == "cpu" and args.n_train is None and rank == 0:
             log("note: training on the CPU takes days; use a GPU, or --n-train/--arch for a smoke run")
@@ -1215,82 +1830,106 @@ def run(args):
         model = build_model(cfg.arch).to(device)
         model, info = train(model, train_split, load_cifar10(data_dir, "val"), cfg,
                             device=device, checkpoint_path=checkpoint_path, resume=args.resume, log=log)
-        meta["training"] = info
+        meta = {"training": info}
         if world_size > 1:
             torch.distributed.destroy_process_group()
             if rank != 0:
                 return 0
     else:
-        if args.resume:
-            raise UserError("--resume continues training: add --force-train")
         model = load_model(args.model_file, device)
         meta = dict(model.meta)
-    model.eval()
-    channels_last = device.type == "cuda"      # faster convolutions there, same results
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-
+    model.eval().to(memory_format=torch.channels_last)     # faster convolutions on GPUs and CPUs alike
     if args.calibrate:
-        stats_set = tuple(t[:args.n_train] for t in train_split) if args.n_train else train_split
-        val_set = load_cifar10(data_dir, "val")
-        if args.n_eval:
-            val_set = tuple(t[:args.n_eval] for t in val_set)
-        log(f"calibrating MeanSparse: statistics on {len(stats_set[1])} training images, alpha sweep on "
-            f"{len(val_set[1])} validation images")
-        alpha, sweep = calibrate(model, Batches(*stats_set, args.batch_size, device=device,
-                                                channels_last=channels_last),
-                                 Batches(*val_set, args.batch_size, device=device, channels_last=channels_last),
-                                 args.alpha_grid,
-                                 steps=args.steps, eps=args.eps_linf, criterion=args.alpha_criterion,
-                                 seed=args.seed, log=log)
-        meta["calibration"] = {"alpha": alpha, "criterion": args.alpha_criterion, "steps": args.steps,
-                               "eps": args.eps_linf, "n_train": len(stats_set[1]), "n_val": len(val_set[1]),
-                               "sweep": sweep}
+        meta["calibration"] = _calibrate_cli(model, args, train_split, data_dir, device, log)
     if train_now or args.calibrate:
         model.save(args.model_file, meta)
         if os.path.exists(checkpoint_path) and train_now:
             os.unlink(checkpoint_path)      # the model file now holds everything the checkpoint did
         log(f"saved {args.model_file}")
-
     if args.alpha is not None:
-        if args.alpha > 0 and "calibration" not in meta:
+        calibrated = meta.get("calibration", {}).get("sweep")
+        if args.alpha > 0 and not calibrated:
             raise UserError(f"{args.model_file}: has no MeanSparse statistics; run --calibrate first")
+        largest = max((row["alpha"] for row in calibrated or []), default=0.0)
+        if args.alpha > largest:
+            warn(f"--alpha {args.alpha:g} is above the largest calibrated value ({largest:g}): MeanSparse will "
+                 f"replace most activations by their channel means")
         set_alpha(model, args.alpha)
+    report = _evaluate_cli(model, args, data_dir, device, log)
+    if train_now or args.calibrate:
+        for part in ("training", "calibration"):
+            if part in meta:
+                report[part] = meta[part]
+        if args.alpha is None:
+            meta["evaluation"] = {k: report[k] for k in ("split", "n", "alpha", "results")}
+            model.save(args.model_file, meta)       # record the measured figures with the weights
+    if args.plot:
+        plot_report(report, args.plot, f"{model.arch_name}, alpha {report['alpha']:g}, n={report['n']}")
+        log(f"wrote {args.plot}")
+    if args.report:
+        write_report(report, args)
+        log(f"wrote {args.report}")
+    return 0 if report.get("sanity", {}).get("passed", True) else 1
+
+
+def _calibrate_cli(model, args, train_split, data_dir, device, log):
+    stats_set = tuple(t[:args.n_train] for t in train_split) if args.n_train else train_split
+    val_set = load_cifar10(data_dir, "val")
+    if args.n_eval:
+        val_set = tuple(t[:args.n_eval] for t in val_set)
+    log(f"calibrating MeanSparse: statistics on {len(stats_set[1])} training images, alpha sweep on "
+        f"{len(val_set[1])} validation images")
+    alpha, sweep = calibrate(model, Batches(*stats_set, args.eval_batch_size, device=device),
+                             Batches(*val_set, args.eval_batch_size, device=device), args.alpha_grid,
+                             steps=args.steps, eps=args.eps_linf, criterion=args.alpha_criterion,
+                             apgd_iters=args.apgd_iters, seed=args.seed, log=log)
+    return {"alpha": alpha, "criterion": args.alpha_criterion, "steps": args.steps, "eps": args.eps_linf,
+            "apgd_iters": args.apgd_iters if args.alpha_criterion == "adaptive" else None,
+            "n_train": len(stats_set[1]), "n_val": len(val_set[1]), "sweep": sweep}
+
+
+def _evaluate_cli(model, args, data_dir, device, log):
+    """Every attack of --eval, then --sanity and --plot's curves; returns the report. Interrupted, it writes
+    the rows finished so far into --report, marked incomplete, and re-raises."""
     images, labels = load_cifar10(data_dir, args.split)
     if args.n_eval:
         images, labels = images[:args.n_eval], labels[:args.n_eval]
-    batches = Batches(images, labels, args.batch_size, device=device, channels_last=channels_last)
+    batches = Batches(images, labels, args.eval_batch_size, device=device)
     alpha = get_alpha(model)
-    results = {}
-    for name in args.eval:
-        t0 = time.perf_counter()
-        accuracy, settings = run_attack(model, name, batches, args, device)
-        results[name] = {"accuracy": accuracy, "n": len(labels), "seconds": round(time.perf_counter() - t0, 2),
-                         **settings}
-        bpda_note = " (under BPDA)" if name.startswith("aa-") and alpha > 0 else ""
-        log(f"{name:14s} {accuracy:6.2f} %  on {len(labels)} images  {results[name]['seconds']:8.1f} s{bpda_note}")
     report = {"model_file": args.model_file, "split": args.split, "n": len(labels), "alpha": alpha,
               "device": device_name(device), "torch": torch.__version__,
-              "command": " ".join(["./model.py"] + sys.argv[1:]), "results": results}
-    ok = True
-    if args.sanity:
-        ok, report["sanity"] = sanity_checks(model, batches, args, device, log=log)
-        log(f"sanity: {'PASS' if ok else 'FAIL'}")
-    if args.plot:
-        report["curves"] = robustness_curves(model, batches, args, device)
-        plot_curves(report["curves"], args.plot, f"{model.arch_name}, alpha {alpha:g}, n={len(labels)}")
-        log(f"wrote {args.plot}")
-    if "natural" in results:
-        print(f"Model natural accuracy ({args.split}): {results['natural']['accuracy']:.2f}")
-    if (train_now or args.calibrate) and args.alpha is None:
-        meta["evaluation"] = {k: report[k] for k in ("split", "n", "alpha", "results")}
-        model.save(args.model_file, meta)       # record the measured figures with the weights
-    if args.report:
-        report["model_sha256"] = file_sha256(args.model_file)
-        with open(args.report, "w") as f:
-            json.dump(report, f, indent=2)
-        log(f"wrote {args.report}")
-    return 0 if ok else 1
+              "command": " ".join(["./model.py"] + sys.argv[1:]), "complete": False, "results": {}}
+    try:
+        for name in args.eval:
+            t0 = time.perf_counter()
+            accuracy, settings = run_attack(model, name, batches, args, device)
+            report["results"][name] = {"accuracy": accuracy, "n": len(labels),
+                                       "seconds": round(time.perf_counter() - t0, 2), **settings}
+            bpda_note = " (under BPDA)" if name.startswith(("aa-", "apgd-")) and alpha > 0 else ""
+            worst = " (worst case)" if name.startswith("apgd-") else ""
+            log(f"{name:14s} {accuracy:6.2f} %  on {len(labels)} images  "
+                f"{report['results'][name]['seconds']:8.1f} s{bpda_note}{worst}")
+        if "natural" in report["results"]:
+            print(f"Model natural accuracy ({args.split}): {report['results']['natural']['accuracy']:.2f}")
+        if args.sanity:
+            passed, report["sanity"] = sanity_checks(model, batches, args, device, log=log)
+            report["sanity"]["passed"] = passed
+            log(f"sanity: {'PASS' if passed else 'FAIL'}")
+        if args.plot:
+            report["curves"] = robustness_curves(model, batches, args, device)
+    except KeyboardInterrupt:
+        if args.report:
+            write_report(report, args)
+            print(f"\ninterrupted: the {len(report['results'])} rows finished so far are in {args.report}, "
+                  f"marked incomplete", file=sys.stderr)
+        raise
+    report["complete"] = True
+    return report
+
+
+def write_report(report, args):
+    report = {**report, "model_sha256": file_sha256(args.model_file)}
+    atomic_write(args.report, lambda f: f.write(json.dumps(report, indent=2).encode()))
 
 
 def main(argv=None):

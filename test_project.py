@@ -50,10 +50,16 @@ def validation_images(data_dir):
         except Exception as e:
             raise CheckFailed(f"no CIFAR-10 in {folder} and downloading it failed ({e.__class__.__name__}); "
                               f"pass --data-dir or set CIFAR10_DIR") from None
-    with open(os.path.join(folder, "data_batch_1"), "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
-    images = np.asarray(batch[b"data"][:NUM_VAL], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    labels = np.asarray(batch[b"labels"][:NUM_VAL], dtype=np.int64)
+    path = os.path.join(folder, "data_batch_1")
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        images = np.asarray(batch[b"data"][:NUM_VAL], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch[b"labels"][:NUM_VAL], dtype=np.int64)
+    except Exception as e:      # missing, truncated or not a CIFAR-10 pickle: unpickling raises almost anything
+        raise CheckFailed(f"{path}: not a readable CIFAR-10 batch ({e.__class__.__name__}: {e})") from None
+    if len(labels) != NUM_VAL:
+        raise CheckFailed(f"{path}: holds {len(labels)} images, fewer than the {NUM_VAL} validation images")
     return torch.from_numpy(images).float() / 255, torch.from_numpy(labels)
 
 
@@ -73,13 +79,28 @@ def check_weights(net, weights_path):
             raise CheckFailed(f"loaded weights differ from {weights_path} at {name}")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):     # one line naming the flag, not the whole usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
-    p = argparse.ArgumentParser(description="Check the project the way the grading platform loads it.")
+    p = OneLineParser(description="Check the project the way the grading platform loads it.")
     p.add_argument("project_dir", nargs="?", default=here, help="folder holding model.py (default: this script's)")
     p.add_argument("--data-dir", default=os.environ.get("CIFAR10_DIR", "./data"),
                    help="folder holding cifar-10-batches-py/ (default $CIFAR10_DIR, else ./data)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass (default 256)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     try:

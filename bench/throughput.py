@@ -4,8 +4,10 @@
 Synthetic data (speed does not depend on the pixels), so it needs no dataset:
     python3 bench/throughput.py                       # WRN-28-4, batch 512, on the GPU if there is one
     python3 bench/throughput.py --arch 10-1 --device cpu --iters 2
-Prints one row per step kind: clean training, PGD-K training (K = 5 and 10) and PGD-20 evaluation
-(float32, MeanSparse mask on, as in ./model.py --eval).
+Prints one row per step kind: clean training, PGD-K training (K = 5 and 10), the TRADES + AWP step with a
+2-step attack (the ACAT recipe's) and PGD-20 evaluation (float32, MeanSparse mask on, as in ./model.py --eval).
+--compile times the training steps under torch.compile (the warm-up steps pay for compiling; raise
+--warmup so that they do).
 """
 import argparse
 import os
@@ -39,6 +41,7 @@ def main():
     p.add_argument("--iters", type=int, default=10, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per row (cudnn autotuning)")
     p.add_argument("--eval-steps", type=int, default=M.EVAL_STEPS)
+    p.add_argument("--compile", action="store_true", help="torch.compile the training steps (warm-up compiles)")
     args = p.parse_args()
     device = M.pick_device(args.device)
     if device.type == "cuda":
@@ -51,20 +54,24 @@ def main():
     noise = torch.Generator(device).manual_seed(0)
     print(f"{net.arch_name}, batch {args.batch_size}, {M.device_name(device)}, torch {torch.__version__}")
     rows = []
-    for k in (0, 5, 10):
-        cfg = M.TrainConfig(arch=args.arch, attack_steps=k)
+    recipes = [("clean", dict(attack_steps=0)), ("PGD-5", dict(attack_steps=5)), ("PGD-10", dict(attack_steps=10)),
+               ("TRADES PGD-2 + AWP", dict(attack_steps=2, attack_step_size=M.EPS_LINF, trades=6.0, awp=5e-3))]
+    for name, kw in recipes:
+        cfg = M.TrainConfig(arch=args.arch, **kw)
         opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
+        core = torch.compile(net) if args.compile else net
+        awp_weights = [m.weight for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
         with M.bypassed(net):
-            seconds = timed(lambda: M.train_step(net, net, x, y, cfg, opt, noise, device), args.iters,
-                            args.warmup, device)
-        rows.append((f"train {'clean' if k == 0 else f'PGD-{k}'} ({'bf16' if device.type == 'cuda' else 'fp32'})",
-                     args.batch_size / seconds))
+            seconds = timed(lambda: M.train_step(core, core, x, y, cfg, opt, noise, eps=cfg.eps,
+                                                 awp_weights=awp_weights if cfg.awp else None),
+                            args.iters, args.warmup, device)
+        rows.append((f"train {name} ({'bf16' if device.type == 'cuda' else 'fp32'})", args.batch_size / seconds))
     net.eval()
     attack = M.make_pgd("linf", M.EPS_LINF, M.EPS_LINF / 4, args.eval_steps, generator=noise)
     seconds = timed(lambda: attack(net, x, y), args.iters, args.warmup, device)
     rows.append((f"eval PGD-{args.eval_steps} (fp32)", args.batch_size / seconds))
     for name, rate in rows:
-        print(f"{name:24s} {rate:10,.0f} img/s")
+        print(f"{name:34s} {rate:10,.0f} img/s")
 
 
 if __name__ == "__main__":

@@ -318,27 +318,114 @@ def test_autoattack_runs_under_bpda_and_is_at_least_as_strong_as_pgd(tiny_traine
     net = tiny_trained
     M.collect_statistics(net, M.Batches(train_set[0][:256], train_set[1][:256], 128, device="cpu"))
     M.set_alpha(net, 0.2)
-    images, labels = val_set[0][:48], val_set[1][:48]
-    batches = M.Batches(images, labels, 48, device="cpu")
+    images, labels = val_set[0][:24], val_set[1][:24]
+    batches = M.Batches(images, labels, 24, device="cpu")
     eps = 1 / 255                   # small enough that PGD leaves this non-robust model some accuracy
-    modes = set()
-    hook = M.meansparse_modules(net)[0].register_forward_pre_hook(lambda m, i: modes.add(m.mode))
+    modes = []
+    hook = M.meansparse_modules(net)[0].register_forward_pre_hook(lambda m, i: modes.append(m.mode))
     shown = []
-    accuracy, details = M.autoattack_accuracy(net, images, labels, norm="linf", eps=eps, batch_size=48, seed=0,
+    accuracy, details = M.autoattack_accuracy(net, images, labels, norm="linf", eps=eps, batch_size=24, seed=0,
                                               device="cpu", log=shown.append)
     hook.remove()
-    assert modes == {"bpda"}                                           # every forward pass, checks included
+    # every forward pass of AutoAttack (its checks included) under BPDA, then the model's own on its images
+    first_own = modes.index("mask")
+    assert set(modes[:first_own]) == {"bpda"} and set(modes[first_own:]) == {"mask"}
     assert all(m.mode == "mask" for m in M.meansparse_modules(net))   # and restored afterwards
     natural = M.evaluate(net, batches, verbose=False)
     pgd = M.evaluate(net, batches, M.make_pgd("linf", eps, eps / 4, 20, generator=_gen(0), use_bpda=True),
                      verbose=False)
     print(f"natural {natural:.2f}  BPDA PGD-20 {pgd:.2f}  AutoAttack {accuracy:.2f}")
     assert pgd > 0                                  # else the comparison below says nothing
-    assert accuracy <= pgd + 100 / 48               # within one image of PGD, or stronger
+    assert accuracy <= pgd + 100 / 24               # within one image of PGD, or stronger
     assert accuracy < natural
     # its progress lines were shown as they came and are kept for the report
     assert details["pyautoattack"] and details["log"] and shown == [f"  autoattack: {s}" for s in details["log"]]
     assert any(s.startswith("robust accuracy after APGD-CE") for s in details["log"])
+    assert f"robust accuracy: {accuracy:.2f}%" in details["log"][-1]     # AutoAttack's figure is ours
+
+
+# ----------------------------------------------------------------------------------------------------
+# APGD: the adaptive evaluation's per-image worst case
+# ----------------------------------------------------------------------------------------------------
+class FlagModel(nn.Module):
+    """Predicts the label written into pixel (0, 0, 0) of an image, or the next class when pixel (0, 0, 1)
+    is set: an attack "breaks" an image by setting that pixel."""
+
+    def forward(self, x):
+        label = (x[:, 0, 0, 0] * 10).round().long()
+        return F.one_hot(torch.where(x[:, 0, 0, 1] > 0.5, (label + 1) % 10, label), 10).float()
+
+
+def test_apgd_worst_case_counts_an_image_broken_by_any_one_component(monkeypatch):
+    n = 10
+    y = torch.arange(n) % 10
+    x = torch.zeros(n, 3, 4, 4)
+    x[:, 0, 0, 0] = y / 10
+    x[:, 0, 0, 2] = torch.arange(n) / 100            # the image's id, for the fake attacks
+    x[4, 0, 0, 1] = 1.0                              # image 4 is misclassified to begin with
+    breaks = {("ce", None): {0}, ("ce", 0.0): {1}, ("targeted", None): {2, 5}}
+    calls = {}
+
+    def fake_apgd(model, xb, yb, *, loss, norm, eps, iters, seed, crafted_at_alpha=None):
+        ids = (xb[:, 0, 0, 2] * 100).round().long().tolist()
+        calls.setdefault((loss, crafted_at_alpha), []).extend(ids)
+        out = xb.clone()
+        for k, i in enumerate(ids):
+            if i in breaks[(loss, crafted_at_alpha)]:
+                out[k, 0, 0, 1] = 1.0
+        return out
+
+    monkeypatch.setattr(M, "apgd", fake_apgd)
+    batches = [(x[:6], y[:6]), (x[6:], y[6:])]
+    robust, stats = M.apgd_robust(FlagModel(), batches, M.ADAPTIVE, norm="linf", eps=0.1, iters=1, seed=0,
+                                  verbose=False)
+    assert robust.tolist() == [i not in (0, 1, 2, 4, 5) for i in range(n)]
+    assert stats["clean"] == 90.0
+    assert stats["apgd-ce"]["accuracy"] == 80.0 and stats["apgd-ce"]["broke"] == 1
+    assert stats["apgd-ce-transfer"]["accuracy"] == 80.0 and stats["apgd-ce-transfer"]["broke"] == 1
+    # the targeted attack (nine runs in one) only sees the images both APGD-CE runs left correct
+    assert sorted(calls[("targeted", None)]) == [2, 3, 5, 6, 7, 8, 9]
+    assert stats["apgd-t"] == {"accuracy": None, "attacked": 7, "broke": 2, "seconds": stats["apgd-t"]["seconds"]}
+    assert sorted(calls[("ce", None)]) == list(range(n)) and sorted(calls[("ce", 0.0)]) == list(range(n))
+
+
+def test_adaptive_components_leave_out_the_transfer_attack_at_alpha_zero():
+    assert M.adaptive_components(0.0) == ("apgd-ce", "apgd-t")
+    assert M.adaptive_components(0.35) == ("apgd-ce", "apgd-ce-transfer", "apgd-t")
+
+
+def test_apgd_crafts_under_bpda_at_the_transfer_alpha_and_restores_everything(tiny_trained, train_set, val_set):
+    net = tiny_trained
+    M.collect_statistics(net, M.Batches(train_set[0][:128], train_set[1][:128], 128, device="cpu"))
+    M.set_alpha(net, 0.3)
+    seen = []
+    h = net.sparse.register_forward_pre_hook(lambda m, i: seen.append((round(float(m.alpha), 6), m.mode)))
+    x, y = val_set[0][:8].float() / 255, val_set[1][:8]
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    x_adv = M.apgd(net, x, y, loss="ce", norm="l2", eps=0.5, iters=3, seed=0, crafted_at_alpha=0.0)
+    h.remove()
+    assert set(seen) == {(0.0, "bpda")}
+    assert M.get_alpha(net) == 0.3 and net.sparse.mode == "mask"
+    assert torch.equal(torch.get_rng_state(), state)                   # APGD seeds the global RNG: undone
+    assert float((x_adv - x).flatten(1).norm(dim=1).max()) <= 0.5 + 1e-4
+    assert float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
+
+
+def test_apgd_on_the_committed_model_is_at_least_as_strong_as_bpda_pgd(committed_model_file, val_set):
+    """Eight validation images, five APGD iterations (100 in a real evaluation): within one image of BPDA
+    PGD-20 or stronger."""
+    net = M.Net().load_for_testing(str(committed_model_file.parent.parent))
+    batches = M.Batches(val_set[0][:8], val_set[1][:8], 8, device="cpu")
+    robust, stats = M.apgd_robust(net, batches, M.adaptive_components(M.get_alpha(net)), norm="linf",
+                                  eps=EPS_LINF, iters=5, seed=0, verbose=False)
+    apgd = 100.0 * robust.float().mean().item()
+    pgd = M.evaluate(net, batches, M.make_pgd("linf", EPS_LINF, EPS_LINF / 4, 20, generator=_gen(0), use_bpda=True),
+                     verbose=False)
+    print(f"clean {stats['clean']:.1f}  BPDA PGD-20 {pgd:.1f}  APGD worst case {apgd:.1f}")
+    assert apgd <= pgd + 100 / 8
+    assert apgd <= min(stats["apgd-ce"]["accuracy"], stats["apgd-ce-transfer"]["accuracy"])
+    assert stats["clean"] >= 50
 
 
 def test_autoattack_without_the_package_is_a_user_error(monkeypatch, wrn):
@@ -347,3 +434,5 @@ def test_autoattack_without_the_package_is_a_user_error(monkeypatch, wrn):
     with pytest.raises(M.UserError, match="pip install pyautoattack"):
         M.autoattack_accuracy(wrn, (x * 255).to(torch.uint8), y, norm="linf", eps=EPS_LINF, batch_size=2,
                               seed=0, device="cpu")
+    with pytest.raises(M.UserError, match="pip install pyautoattack"):
+        M.apgd(wrn, x, y, loss="ce", norm="linf", eps=EPS_LINF, iters=2, seed=0)

@@ -61,7 +61,6 @@ def test_choose_alpha_respects_the_clean_accuracy_limit():
                    (0.1, 79.6, 43.0, 42.0),          # drop 0.4: allowed
                    (0.2, 79.4, 50.0, 48.0),          # drop 0.6: not allowed, although best
                    (0.3, 70.0, 60.0, 55.0))
-    assert M.choose_alpha(sweep) == 0.1
     assert M.choose_alpha(sweep, "bpda") == 0.1
     assert M.choose_alpha(sweep, "bpda", max_clean_drop=1.0) == 0.2
     assert M.choose_alpha(sweep, "bpda", max_clean_drop=100.0) == 0.3
@@ -74,31 +73,93 @@ def test_choose_alpha_plain_criterion_boundary_and_ties():
     assert M.choose_alpha(sweep, "plain") == 0.2
     assert M.choose_alpha(sweep, "bpda") == 0.1
     ties = _sweep((0.0, 80.0, 40.0, 40.0), (0.3, 80.0, 45.0, 45.0), (0.1, 80.0, 45.0, 45.0))
-    assert M.choose_alpha(ties) == 0.1                # ties go to the smaller alpha
+    assert M.choose_alpha(ties, "bpda") == 0.1        # ties go to the smaller alpha
     only_zero = _sweep((0.0, 80.0, 40.0, 40.0), (0.4, 70.0, 90.0, 90.0))
-    assert M.choose_alpha(only_zero) == 0.0
+    assert M.choose_alpha(only_zero, "bpda") == 0.0
 
 
-def test_calibrate_returns_a_grid_alpha_and_sets_it(tiny_trained, train_set, val_set):
+def _adaptive(*rows):
+    return [dict(zip(("alpha", "clean", "adaptive", "gain", "gain_se"), r)) for r in rows]
+
+
+def test_adaptive_criterion_needs_a_gain_beyond_two_paired_standard_errors():
+    noise = _adaptive((0.0, 80.0, 46.0, 0.0, 0.0),
+                      (0.2, 80.0, 46.6, 0.6, 0.4),   # 1.5 standard errors: noise
+                      (0.4, 80.0, 46.3, 0.3, 0.2))
+    assert M.choose_alpha(noise) == 0.0               # the default criterion is the adaptive one
+    real = _adaptive((0.0, 80.0, 46.0, 0.0, 0.0),
+                     (0.2, 80.0, 47.0, 1.0, 0.3),    # 3.3 standard errors
+                     (0.4, 80.0, 48.0, 2.0, 0.5),    # 4 standard errors and better still
+                     (0.6, 79.0, 50.0, 4.0, 0.5))    # the best, but 1 point of clean accuracy lost
+    assert M.choose_alpha(real) == 0.4
+    worse = _adaptive((0.0, 80.0, 46.0, 0.0, 0.0), (0.2, 80.0, 44.0, -2.0, 0.3))
+    assert M.choose_alpha(worse) == 0.0
+
+
+def test_paired_gain_is_the_mean_and_standard_error_of_the_per_image_difference():
+    base = torch.tensor([True, True, False, False, True, False, True, False])
+    robust = torch.tensor([True, False, True, True, True, False, True, True])
+    gain, se = M.paired_gain(robust, base)
+    d = robust.double() - base.double()                 # 0 -1 1 1 0 0 0 1
+    assert gain == pytest.approx(100 * 2 / 8)
+    assert se == pytest.approx(100 * float(d.std()) / 8 ** 0.5)
+    assert M.paired_gain(base, base) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("criterion", ["bpda", "adaptive"])
+def test_calibrate_returns_a_grid_alpha_and_sets_it(tiny_trained, train_set, val_set, criterion):
     net = tiny_trained
     stats = M.Batches(train_set[0][:128], train_set[1][:128], 64, device="cpu")
     val = M.Batches(val_set[0][:32], val_set[1][:32], 32, device="cpu")
     lines = []
     alphas = [0.0, 0.1, 0.5]
-    alpha, sweep = M.calibrate(net, stats, val, alphas, steps=1, log=lines.append)
+    alpha, sweep = M.calibrate(net, stats, val, alphas, steps=1, criterion=criterion, apgd_iters=2,
+                               eps=2 / 255, log=lines.append)
     assert alpha in alphas
     assert [row["alpha"] for row in sweep] == alphas
+    keys = {"alpha", "clean", "plain", "bpda"} | ({"adaptive", "gain", "gain_se"} if criterion == "adaptive" else set())
     for row in sweep:
-        assert set(row) == {"alpha", "clean", "plain", "bpda"}
+        assert set(row) == keys
         assert all(0.0 <= row[k] <= 100.0 for k in ("clean", "plain", "bpda"))
         assert row["plain"] <= row["clean"] and row["bpda"] <= row["clean"]
+        if criterion == "adaptive":
+            assert row["adaptive"] <= row["clean"]
     assert sweep[0]["plain"] == sweep[0]["bpda"]          # alpha 0: no mask, identical attacks
-    assert alpha == M.choose_alpha(sweep)
+    assert alpha == M.choose_alpha(sweep, criterion)
     assert M.get_alpha(net) == alpha
     assert all(float(m.alpha) == pytest.approx(alpha) for m in M.meansparse_modules(net))
     assert not net.training
     assert any(float(m.mean.abs().sum()) > 0 for m in M.meansparse_modules(net))      # statistics collected
-    assert len(lines) == len(alphas) + 1 and f"chosen alpha {alpha:g}" in lines[-1]
+    assert len(lines) == len(alphas) + 1
+    assert (f"chosen alpha {alpha:g}" in lines[-1]) or (alpha == 0 and "MeanSparse did not help" in lines[-1])
+    if criterion == "adaptive":
+        assert sweep[0]["gain"] == 0.0
+        assert sweep[1]["gain"] == pytest.approx(sweep[1]["adaptive"] - sweep[0]["adaptive"])
     # the clean accuracy of alpha 0 is the model's plain accuracy
     with M.alpha_set_to(net, 0.0):
         assert sweep[0]["clean"] == M.evaluate(net, val, verbose=False)
+
+
+@pytest.mark.parametrize("robust_by_alpha, expected", [
+    # alpha 0.1 rescues 2 of 64 images and loses 1 elsewhere: within the paired noise
+    ({0.0: set(range(20)), 0.1: set(range(1, 20)) | {40, 41}}, 0.0),
+    # alpha 0.1 rescues 12 images and loses none: a real gain
+    ({0.0: set(range(20)), 0.1: set(range(32))}, 0.1),
+])
+def test_calibrate_chooses_by_the_paired_adaptive_gain(tiny_trained, train_set, val_set, monkeypatch,
+                                                       robust_by_alpha, expected):
+    def fake_apgd_robust(model, batches, components, **kw):
+        robust = torch.zeros(64, dtype=torch.bool)
+        robust[sorted(robust_by_alpha[M.get_alpha(model)])] = True
+        return robust, {}
+
+    monkeypatch.setattr(M, "apgd_robust", fake_apgd_robust)
+    monkeypatch.setattr(M, "evaluate", lambda *a, **k: 50.0)       # equal clean accuracy at every alpha
+    stats = M.Batches(train_set[0][:64], train_set[1][:64], 64, device="cpu")
+    val = M.Batches(val_set[0][:64], val_set[1][:64], 64, device="cpu")
+    lines = []
+    alpha, sweep = M.calibrate(tiny_trained, stats, val, [0.1], steps=1, log=lines.append)
+    assert alpha == expected and M.get_alpha(tiny_trained) == expected
+    assert sweep[1]["gain"] == pytest.approx(100 * (len(robust_by_alpha[0.1]) - 20) / 64)
+    if expected == 0.0:
+        assert "MeanSparse did not help this model" in lines[-1]

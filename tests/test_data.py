@@ -23,9 +23,15 @@ def _raw_batch(data_dir, name):
 # ----------------------------------------------------------------------------------------------------
 # load_cifar10
 # ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def full_splits(data_dir, val_set, test_set):
+    """The whole training split (five files) is read only by this module's tests."""
+    return {"train": M.load_cifar10(str(data_dir), "train"), "val": val_set, "test": test_set}
+
+
 @pytest.mark.parametrize("split, n", [("train", 48_976), ("val", 1_024), ("test", 10_000)])
-def test_split_sizes_shapes_and_dtypes(splits, split, n):
-    images, labels = splits[split]
+def test_split_sizes_shapes_and_dtypes(full_splits, split, n):
+    images, labels = full_splits[split]
     assert images.shape == (n, 3, 32, 32)
     assert images.dtype == torch.uint8
     assert labels.shape == (n,)
@@ -34,15 +40,15 @@ def test_split_sizes_shapes_and_dtypes(splits, split, n):
     assert images.is_contiguous()
 
 
-def test_first_labels(splits):
-    assert splits["val"][1][:10].tolist() == [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]
-    assert splits["test"][1][:5].tolist() == [3, 8, 8, 0, 6]
+def test_first_labels(val_set, test_set):
+    assert val_set[1][:10].tolist() == [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]
+    assert test_set[1][:5].tolist() == [3, 8, 8, 0, 6]
 
 
-def test_val_and_train_are_the_official_training_images_in_order(splits, data_dir):
+def test_val_and_train_are_the_official_training_images_in_order(full_splits, data_dir):
     raw1, lab1 = _raw_batch(data_dir, "data_batch_1")
-    val_images, val_labels = splits["val"]
-    train_images, train_labels = splits["train"]
+    val_images, val_labels = full_splits["val"]
+    train_images, train_labels = full_splits["train"]
     assert torch.equal(val_images, raw1[:1024]) and torch.equal(val_labels, lab1[:1024])
     # the train split starts at training image 1024 ...
     assert torch.equal(train_images[:10_000 - 1024], raw1[1024:])
@@ -52,11 +58,11 @@ def test_val_and_train_are_the_official_training_images_in_order(splits, data_di
     assert torch.equal(train_images[-10_000:], raw5) and torch.equal(train_labels[-10_000:], lab5)
     # and the test split is test_batch
     raw_t, lab_t = _raw_batch(data_dir, "test_batch")
-    assert torch.equal(splits["test"][0], raw_t) and torch.equal(splits["test"][1], lab_t)
+    assert torch.equal(full_splits["test"][0], raw_t) and torch.equal(full_splits["test"][1], lab_t)
 
 
-def test_val_is_a_copy_not_a_view_of_a_larger_tensor(splits):
-    images, labels = splits["val"]
+def test_val_is_a_copy_not_a_view_of_a_larger_tensor(val_set):
+    images, labels = val_set
     assert images.untyped_storage().nbytes() == images.numel()      # no 10,000-image storage kept alive
     assert labels.untyped_storage().nbytes() == labels.numel() * 8
 

@@ -5,6 +5,7 @@ import shutil
 import pytest
 
 LOAD_FOR_TESTING_EVAL = ("        self.load(os.path.join(project_dir, Net.model_file))\n"
+                         "        self.to(memory_format=torch.channels_last)\n"
                          "        self.eval()\n"
                          "        return self\n")
 
@@ -26,13 +27,13 @@ def _fake_project(root, repo_root, *, patch=None, weights=True):
 
 @pytest.fixture(scope="module")
 def run_checker(repo_root, data_dir, run_python):
-    def run(project_dir, cwd, data=data_dir):
-        return run_python([repo_root / "test_project.py", project_dir, "--data-dir", data], cwd=cwd)
+    def run(project_dir, cwd, data=data_dir, threads=1):
+        return run_python([repo_root / "test_project.py", project_dir, "--data-dir", data], cwd=cwd, threads=threads)
     return run
 
 
 def test_real_project_passes_with_the_expected_accuracy(run_checker, run_cli, repo_root, data_dir, tmp_path):
-    result = run_checker(repo_root, tmp_path)
+    result = run_checker(repo_root, tmp_path, threads=2)          # a WRN-28-4: both cores help
     assert result.returncode == 0, result.stderr[-2000:]
     match = re.search(r"^Model nat accuracy \(test\): (\d+\.\d\d)$", result.stdout, re.M)
     assert match, result.stdout
@@ -40,7 +41,7 @@ def test_real_project_passes_with_the_expected_accuracy(run_checker, run_cli, re
     assert 80.0 <= accuracy <= 90.0
     assert list(tmp_path.iterdir()) == []                          # it writes nothing where it runs
     # the same figure as model.py's own natural accuracy on the 1,024 validation images
-    own = run_cli("--split", "val", "--eval", "natural", "--batch-size", "256", "--data-dir", data_dir)
+    own = run_cli("--split", "val", "--eval", "natural", "--data-dir", data_dir, threads=2)
     assert own.returncode == 0, own.stderr[-2000:]
     own_match = re.search(r"^Model natural accuracy \(val\): (\d+\.\d\d)$", own.stdout, re.M)
     assert own_match, own.stdout
@@ -67,6 +68,7 @@ def test_project_without_weights_fails(run_checker, repo_root, tmp_path):
 def test_load_for_testing_without_eval_fails(run_checker, repo_root, tmp_path):
     project = _fake_project(tmp_path / "noeval", repo_root,
                             patch="        self.load(os.path.join(project_dir, Net.model_file))\n"
+                                  "        self.to(memory_format=torch.channels_last)\n"
                                   "        return self\n")
     result = run_checker(project, tmp_path)
     assert result.returncode == 1
@@ -95,7 +97,7 @@ def test_fake_project_copy_itself_passes_the_checks_before_evaluation(run_checke
     (empty_data / "cifar-10-batches-py").mkdir(parents=True)
     result = run_checker(project, tmp_path, data=empty_data)
     assert result.returncode == 1
-    assert "FAILED: FileNotFoundError" in result.stderr and "data_batch_1" in result.stderr, result.stderr
+    assert "FAILED: " in result.stderr and "data_batch_1: not a readable CIFAR-10 batch" in result.stderr, result.stderr
 
 
 def test_weights_that_differ_below_float16_resolution_fail(run_checker, repo_root, tmp_path):
@@ -117,3 +119,23 @@ def test_weights_that_differ_below_float16_resolution_fail(run_checker, repo_roo
     assert "FAILED: loaded weights differ from" in result.stderr, (
         "test_project.py accepted weights that differ from the file (every parameter scaled by 1 + 1e-5); "
         f"it stopped only at the data: {result.stderr.strip()[-300:]}")
+
+
+@pytest.mark.parametrize("value, message", [("-5", "must be > 0, got -5"), ("0", "must be > 0, got 0"),
+                                            ("x", "not an integer: 'x'")])
+def test_bad_batch_size_is_one_line_naming_the_flag(run_python, repo_root, tmp_path, value, message):
+    result = run_python([repo_root / "test_project.py", repo_root, "--batch-size", value], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"test_project.py: error: argument --batch-size: {message} "
+                                                  f"(see --help)"]
+    assert result.stdout == ""
+
+
+def test_truncated_data_is_one_line_naming_the_file(run_checker, repo_root, data_dir, tmp_path):
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    (folder / "data_batch_1").write_bytes((data_dir / "cifar-10-batches-py" / "data_batch_1").read_bytes()[:5000])
+    result = run_checker(repo_root, tmp_path, data=tmp_path / "data")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"FAILED: {folder / 'data_batch_1'}: not a readable CIFAR-10 batch")

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import model as M
 
@@ -89,6 +90,88 @@ def test_ema_update_is_an_exponential_average():
     assert ema.updates == 1
 
 
+def test_eps_ramp_rises_linearly_then_holds():
+    cfg = M.TrainConfig(eps=8 / 255, eps_ramp=0.5)
+    assert M.eps_at(0.0, 10, cfg) == 0.0
+    assert M.eps_at(2.5, 10, cfg) == pytest.approx(4 / 255)
+    assert M.eps_at(5.0, 10, cfg) == pytest.approx(8 / 255) and M.eps_at(9.9, 10, cfg) == pytest.approx(8 / 255)
+    assert M.eps_at(0.7, math.inf, cfg) == 0.0                      # length not fixed yet: the ramp waits
+    assert M.eps_at(0.0, 10, M.TrainConfig(eps=8 / 255)) == 8 / 255  # no ramp
+
+
+def test_training_attack_step_scales_with_the_ramped_eps(monkeypatch):
+    seen = []
+    monkeypatch.setattr(M, "pgd", lambda model, x, y, **kw: seen.append(kw) or x)
+    net, x, y = _net(), torch.rand(2, 3, 32, 32), torch.tensor([1, 2])
+    cfg = M.TrainConfig(eps=8 / 255, attack_steps=2, attack_step_size=8 / 255)
+    M.training_attack(net, x, y, cfg, 4 / 255, None)
+    assert seen[-1]["eps"] == 4 / 255 and seen[-1]["step_size"] == pytest.approx(4 / 255) and seen[-1]["steps"] == 2
+    M.training_attack(net, x, y, M.TrainConfig(eps=8 / 255, attack_steps=5), 8 / 255, None)
+    assert seen[-1]["step_size"] == pytest.approx(2.5 * 8 / 255 / 5)                    # the default 2.5 eps / K
+    assert M.training_attack(net, x, y, cfg, 0.0, None) is x and len(seen) == 2       # eps 0: no attack
+
+
+def test_ema_follows_the_weights_before_it_starts():
+    net = _net()
+    ema = M.EMA(net, 0.5)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    ema.follow(net)
+    _state_equal(ema.model.state_dict(), net.state_dict())
+    assert ema.updates == 0                                  # the warm-up of the decay starts with the EMA
+
+
+def test_awp_moves_each_weight_by_gamma_times_its_norm_along_the_gradient_and_keeps_batchnorm(small_sets):
+    (images, labels), _ = small_sets
+    net = _net().train()
+    x, y = images[:32].float() / 255, labels[:32]
+    x_adv = (x + 0.01).clamp(0, 1)
+    cfg = M.TrainConfig(awp=0.01, trades=None)
+    weights = [m.weight for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert len(weights) == 10              # WRN-10-1: the stem, 6 block convs, 2 shortcut convs, the fc
+    loss, _ = M.training_loss(net, x, x_adv, y, cfg)
+    grads = torch.autograd.grad(loss, weights)
+    buffers = {k: v.clone() for k, v in net.state_dict().items() if "running" in k or "num_batches" in k}
+    before = [w.detach().clone() for w in weights]
+    originals = M.awp_perturb(net, weights, x, x_adv, y, cfg)
+    for w, w0, g, orig in zip(weights, before, grads, originals):
+        assert torch.equal(orig, w0)                          # the values before, for an exact restore
+        step = w.detach() - w0
+        assert float(step.norm()) == pytest.approx(0.01 * float(w0.norm()), rel=1e-4)
+        assert float(F.cosine_similarity(step.flatten(), g.flatten(), dim=0)) > 0.999
+    for k, v in net.state_dict().items():
+        if k in buffers:
+            assert torch.equal(v, buffers[k]), k               # the extra pass left BatchNorm alone
+
+
+def test_train_step_with_awp_restores_the_weights_before_the_optimizer_step(small_sets, monkeypatch):
+    """The optimizer must see the gradient at the perturbed weights but step from the original ones."""
+    (images, labels), _ = small_sets
+    x, y = images[:32].float() / 255, labels[:32]
+    cfg = M.TrainConfig(awp=0.05, attack_steps=1)
+    results = {}
+    for awp in (False, True):
+        net = _net()
+        weights = [m.weight for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        start = [w.detach().clone() for w in weights]
+        seen = {}
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.0)          # lr 0: the step changes nothing
+        real_step = optimizer.step
+
+        def step():
+            seen["weights"] = [w.detach().clone() for w in weights]
+            seen["grads"] = [w.grad.clone() for w in weights]
+            real_step()
+
+        optimizer.step = step
+        M.train_step(net, net, x, y, cfg, optimizer, torch.Generator().manual_seed(0), eps=cfg.eps,
+                     awp_weights=weights if awp else None)
+        assert all(torch.equal(a, b) for a, b in zip(seen["weights"], start))
+        results[awp] = seen["grads"]
+    assert any(not torch.allclose(a, b) for a, b in zip(results[True], results[False]))
+
+
 # ----------------------------------------------------------------------------------------------------
 # train()
 # ----------------------------------------------------------------------------------------------------
@@ -119,11 +202,15 @@ def test_training_lowers_the_loss_and_reports(small_sets, tmp_path):
 
 
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(small_sets, tmp_path, monkeypatch):
+    """With every option that carries state or depends on the run's progress: TRADES with a 2-step attack
+    of step eps, eps ramp, AWP after a warm-up, a late EMA and weights chosen by the APGD check."""
     train_set, val_set = small_sets
-    cfg = _cfg(epochs=3, val_every=2, ema=0.9)
+    cfg = _cfg(epochs=3, val_every=1, trades=6.0, attack_steps=2, attack_step_size=M.EPS_LINF, eps_ramp=0.5,
+               awp=5e-3, awp_warmup=0.5, ema=0.9, ema_start=0.4, select_from=0.3, select_n=16, select_iters=2)
 
     reference, ref_info = M.train(_net(0), train_set, val_set, cfg, device="cpu",
                                   checkpoint_path=str(tmp_path / "ref.ckpt"), log=_quiet)
+    assert ref_info["selected"]["epoch"] >= 1 and "val_apgd_ema" in ref_info["history"][-1]
 
     real_save = M.save_checkpoint
     saved = []
@@ -131,25 +218,28 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(small_sets, tmp
     def save_then_interrupt(state, path):
         real_save(state, path)
         saved.append(state["epoch"])
-        raise KeyboardInterrupt
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt
 
     ckpt = tmp_path / "run.ckpt"
     monkeypatch.setattr(M, "save_checkpoint", save_then_interrupt)
     interrupted = _net(0)
     with pytest.raises(KeyboardInterrupt):
         M.train(interrupted, train_set, val_set, cfg, device="cpu", checkpoint_path=str(ckpt), log=_quiet)
-    assert saved == [1]
+    assert saved == [1, 2]
     assert all(m.mode == "mask" for m in M.meansparse_modules(interrupted))
+    assert torch.load(ckpt, weights_only=True)["best_state"] is not None       # the best so far travels
     monkeypatch.setattr(M, "save_checkpoint", real_save)
 
     # resume on a differently initialised network: everything must come from the checkpoint
     lines = []
     resumed, info = M.train(_net(123), train_set, val_set, cfg, device="cpu", checkpoint_path=str(ckpt),
                             resume=True, log=lines.append)
-    assert any("resuming" in line and "after epoch 1 of 3" in line for line in lines)
+    assert any("resuming" in line and "after epoch 2 of 3" in line for line in lines)
     _state_equal(resumed.state_dict(), reference.state_dict())
-    assert [r["loss"] for r in info["history"]] == [r["loss"] for r in ref_info["history"]]
-    assert info["weights"] == ref_info["weights"]
+    untimed = lambda history: [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in history]
+    assert untimed(info["history"]) == untimed(ref_info["history"])      # losses and every validation figure
+    assert info["selected"] == ref_info["selected"] and info["weights"] == ref_info["weights"]
     assert info["epochs"] == 3
 
 
@@ -175,19 +265,6 @@ def test_resume_with_other_settings_or_no_checkpoint_is_a_user_error(small_sets,
         M.train(_net(), train_set, val_set, other, device="cpu", checkpoint_path=str(ckpt), resume=True,
                 log=_quiet)
     assert "lr" in str(info.value) and str(ckpt) in str(info.value)
-
-
-def test_nan_loss_raises_training_error(small_sets, tmp_path, monkeypatch):
-    train_set, val_set = small_sets
-
-    def nan_step(model, core, x, y, cfg, optimizer, noise_generator, device):
-        return torch.tensor(float("nan")), torch.tensor(0)
-
-    monkeypatch.setattr(M, "train_step", nan_step)
-    ckpt = tmp_path / "m.ckpt"
-    with pytest.raises(M.TrainingError, match="nan"):
-        M.train(_net(), train_set, val_set, _cfg(), device="cpu", checkpoint_path=str(ckpt), log=_quiet)
-    assert not ckpt.exists()                                  # no epoch finished, nothing written
 
 
 def test_too_few_images_for_one_batch_is_a_user_error(small_sets, tmp_path):
@@ -241,12 +318,40 @@ def test_ema_run_keeps_the_better_of_final_and_ema(small_sets, tmp_path):
     assert M.evaluate(net, val, verbose=False) == pytest.approx(kept["clean"])
 
 
+def test_selection_keeps_the_best_weights_the_apgd_checks_saw(small_sets, tmp_path, monkeypatch):
+    train_set, val_set = small_sets
+    scores = iter([(10.0, 50.0), (30.0, 50.0), (20.0, 60.0), (30.0, 55.0), (25.0, 70.0), (5.0, 70.0)])
+    checked = []
+
+    def fake_check(net, batches, cfg):
+        checked.append({k: v.clone() for k, v in net.state_dict().items()})
+        return next(scores)
+
+    monkeypatch.setattr(M, "apgd_check", fake_check)
+    lines = []
+    cfg = _cfg(epochs=4, val_every=1, ema=0.9, select_from=0.5)
+    net, info = M.train(_net(), train_set, val_set, cfg, device="cpu", checkpoint_path=str(tmp_path / "m.ckpt"),
+                        log=lines.append)
+    # checks at epochs 2, 3 and 4 (half the run on), live then EMA: the best is (30, 55), the EMA of epoch 3
+    assert len(checked) == 6
+    assert info["selected"] == {"epoch": 3, "weights": "ema", "apgd": 30.0, "clean": 55.0}
+    assert info["weights"] == "ema weights of epoch 3"
+    _state_equal(net.state_dict(), checked[3])
+    assert [("val_apgd_live" in r, "val_apgd_ema" in r) for r in info["history"]] == \
+        [(False, False), (True, True), (True, True), (True, True)]
+    assert info["history"][2]["val_apgd_ema"] == 30.0 and info["history"][2]["val_apgd_clean_ema"] == 55.0
+    assert "keeping the ema weights of epoch 3 (validation APGD 30.00, clean 55.00, on 64 images)" in lines[-1]
+    assert "ema_val" not in info                     # the PGD-10 choice between final and EMA is not made
+
+
 def test_ddp_two_cpu_ranks_train_identical_weights(repo_root, data_dir, tmp_path, run_python):
     out = tmp_path / "x.pth"
     result = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                          str(repo_root / "model.py"), "--force-train", "-e", "1", "--arch", "10-1",
                          "--n-train", "256", "--batch-size", "64", "--device", "cpu", "--model-file", str(out),
-                         "--data-dir", str(data_dir), "--n-eval", "16"], cwd=repo_root, timeout=300)
+                         "--data-dir", str(data_dir), "--n-eval", "16", "--trades", "6", "--awp", "5e-3",
+                         "--eps-ramp", "0.5", "--ema", "0.9", "--ema-start", "0.5", "--select-from", "0",
+                         "--select-n", "16"], cwd=repo_root, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "weights identical across 2 ranks: True" in result.stdout
     assert result.stdout.count("saved ") == 1                  # rank 0 alone writes
@@ -255,3 +360,4 @@ def test_ddp_two_cpu_ranks_train_identical_weights(repo_root, data_dir, tmp_path
     assert loaded.arch["depth"] == 10
     training = loaded.meta["training"]
     assert training["world_size"] == 2 and training["ranks_agree"] is True and training["epochs"] == 1
+    assert training["config"]["awp"] == 5e-3 and training["selected"]["epoch"] == 1

@@ -1,0 +1,206 @@
+"""Misuse: every way a new user was seen to lose a model, hours of work or a correct figure ends in one
+clear line and the right exit status, with nothing lost (the committed model byte-identical after each).
+
+In process (M.main) for speed: these runs stop before any real work, or do very little."""
+import hashlib
+import json
+import shutil
+import signal
+import sys
+
+import pytest
+import torch
+
+import model as M
+
+TINY_TRAIN = ["--force-train", "--arch", "10-1", "--n-train", "256", "--batch-size", "64", "--device", "cpu",
+              "-e", "1", "--train-steps", "1"]
+
+
+def _sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def cli(committed_model_file, data_dir, monkeypatch, capsys):
+    """cli(*argv) -> (exit status, stdout, stderr lines without progress bars); checks after each call that
+    the committed model is byte-identical."""
+    monkeypatch.setenv("CIFAR10_DIR", str(data_dir))
+    monkeypatch.setattr(sys, "argv", ["model.py"])
+    handler = signal.getsignal(signal.SIGTERM)
+    before = _sha256(committed_model_file)
+
+    def run(*argv):
+        status = M.main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        lines = [line.split("\r")[-1].strip() for line in err.splitlines()]
+        assert _sha256(committed_model_file) == before
+        return status, out, [line for line in lines if line]
+
+    yield run
+    signal.signal(signal.SIGTERM, handler)
+
+
+@pytest.fixture
+def tiny_copy(tiny_model_file, tmp_path):
+    path = tmp_path / "m.pth"
+    shutil.copyfile(tiny_model_file, path)
+    return path
+
+
+def _one_error(status, err, fragment, code=2):
+    assert status == code, err
+    errors = [line for line in err if line.startswith("error: ")]
+    assert len(errors) == 1 and fragment in errors[0], err
+    assert all(line.startswith(("error: ", "warning: ")) for line in err), err      # no traceback
+
+
+# ----------------------------------------------------------------------------------------------------
+# Write targets, checked before any work
+# ----------------------------------------------------------------------------------------------------
+def test_report_onto_the_model_file_is_refused(cli, tiny_copy):
+    before = tiny_copy.read_bytes()
+    status, out, err = cli("--model-file", tiny_copy, "--report", tiny_copy, "--n-eval", "8")
+    _one_error(status, err, f"--report {tiny_copy} is the same file as --model-file {tiny_copy}")
+    assert tiny_copy.read_bytes() == before and out == ""
+
+
+def test_outputs_that_are_the_same_file_are_refused(cli, tiny_copy, tmp_path):
+    status, _, err = cli("--model-file", tiny_copy, "--report", tmp_path / "r.json", "--plot", tmp_path / "r.json")
+    _one_error(status, err, "--plot")
+    status, _, err = cli(*TINY_TRAIN, "--model-file", tmp_path / "new.pth", "--report", tmp_path / "new.pth.ckpt")
+    _one_error(status, err, "is the same file as checkpoint")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth"]
+
+
+@pytest.mark.parametrize("flag", ["--model-file", "--report", "--plot"])
+def test_unwritable_or_directory_targets_are_refused_before_any_work(cli, tmp_path, flag, monkeypatch):
+    monkeypatch.setattr(M, "load_cifar10", lambda *a: pytest.fail("work started before the check"))
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    args = TINY_TRAIN + ["--model-file", tmp_path / "new.pth"] if flag == "--model-file" else ["--n-eval", "8"]
+    for target, fragment in ((folder, "is a directory"), ("/proc/m.out", "cannot write in /proc")):
+        status, _, err = cli(*args, flag, target)
+        _one_error(status, err, f"{flag} {target}: {fragment}")
+
+
+def test_a_smoke_run_cannot_replace_the_committed_model(cli, monkeypatch):
+    monkeypatch.setattr(M, "load_cifar10", lambda *a: pytest.fail("work started before the check"))
+    status, _, err = cli(*TINY_TRAIN)
+    _one_error(status, err, "--n-train makes a smoke run: name its output with --model-file")
+    status, _, err = cli(*TINY_TRAIN[:-4], "--model-file", M.Net.model_file)      # --arch 10-1, explicit file
+    _one_error(status, err, "--arch 10-1: models/default_model.pth is the file Net() loads")
+    status, _, err = cli("--calibrate", "--n-train", "256")
+    _one_error(status, err, "--n-train makes a smoke run")
+
+
+def test_a_second_run_writing_the_same_model_file_stops_at_once(cli, tmp_path, monkeypatch):
+    monkeypatch.setattr(M, "load_cifar10", lambda *a: pytest.fail("work started before the check"))
+    target = tmp_path / "x.pth"
+    with M.model_file_lock(str(target)):
+        holder = (tmp_path / "x.pth.lock").read_text()
+        status, _, err = cli(*TINY_TRAIN, "--model-file", target)
+        _one_error(status, err, f"{target} is being written by another run (pid ")
+        assert holder.split(":")[0] in err[-1]
+    assert not (tmp_path / "x.pth.lock").exists()
+    with M.model_file_lock(str(target)):                       # and it can be taken again afterwards
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------
+# Numbers and odd settings
+# ----------------------------------------------------------------------------------------------------
+def test_odd_but_valid_settings_warn_and_run(cli, tiny_copy):
+    status, out, err = cli("--model-file", tiny_copy, "--split", "val", "--n-eval", "5000", "--steps", "0",
+                           "--eval", "natural,pgd-linf", "--arch", "16-2", "--eval-batch-size", "512")
+    assert status == 0, err
+    assert "warning: --steps 0: PGD makes no step, so the PGD rows measure the random start only" in err
+    assert "warning: --n-eval 5000: the val split has 1,024 images; using all of them" in err
+    assert any(line.startswith("warning: --arch 16-2 is ignored") for line in err)
+    assert "pgd-linf" in out and "on 1024 images" in out
+
+
+def test_alpha_above_the_calibrated_range_warns(cli, tmp_path, tiny_model_file, train_set, val_set):
+    calibrated = M.load_model(str(tiny_model_file))
+    M.calibrate(calibrated, M.Batches(*[t[:64] for t in train_set], 64, device="cpu"),
+                M.Batches(*[t[:8] for t in val_set], 8, device="cpu"), [0.1, 0.2], steps=1, criterion="bpda",
+                log=lambda *a: None)
+    path = tmp_path / "calibrated.pth"
+    calibrated.save(str(path), {"calibration": {"alpha": 0.2, "sweep": [{"alpha": 0.0}, {"alpha": 0.2}]}})
+    status, _, err = cli("--model-file", path, "--alpha", "5", "--n-eval", "8")
+    assert status == 0
+    assert any(line.startswith("warning: --alpha 5 is above the largest calibrated value (0.2)") for line in err)
+
+
+def test_a_missing_model_file_trains_only_after_a_loud_warning(cli, tmp_path, monkeypatch):
+    def stop(*a):
+        raise M.UserError("stopped by the test")
+
+    monkeypatch.setattr(M, "load_cifar10", stop)
+    status, _, err = cli("--model-file", tmp_path / "mispelt.pth", "--n-train", "256", "--arch", "10-1")
+    assert status == 2
+    assert err[0].startswith(f"warning: {tmp_path / 'mispelt.pth'} does not exist, so this run TRAINS a new model")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Broken inputs
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("content, fragment", [
+    ("text", "not written by torch.save"),
+    ({"state_dict": {"a": 1}}, "state_dict entry 'a' is of type int"),
+    ({"arch": {"depth": 28}, "state_dict": {"w": torch.zeros(1)}}, "its arch"),
+    ("directory", "is a directory, not a model file"),
+])
+def test_malformed_model_files_exit_2_with_one_line(cli, tmp_path, content, fragment):
+    path = tmp_path / "bad.pth"
+    if content == "directory":
+        path.mkdir()
+    elif content == "text":
+        path.write_text("hello\n")
+    else:
+        torch.save(content, path)
+    status, out, err = cli("--model-file", path, "--n-eval", "8")
+    _one_error(status, err, f"{path}: ")
+    assert fragment in err[0] and out == ""
+
+
+def test_a_corrupt_checkpoint_with_resume_is_one_line(cli, tmp_path):
+    model_file = tmp_path / "m.pth"
+    (tmp_path / "m.pth.ckpt").write_bytes(b"PK\x03\x04 not really a checkpoint")
+    status, _, err = cli(*TINY_TRAIN, "--model-file", model_file, "--resume")
+    _one_error(status, err, f"{model_file}.ckpt: not a readable checkpoint: a damaged or truncated")
+    torch.save({"epoch": 1}, tmp_path / "m.pth.ckpt")
+    status, _, err = cli(*TINY_TRAIN, "--model-file", model_file, "--resume")
+    _one_error(status, err, "not a training checkpoint of this version")
+    assert "weights_only" not in " ".join(err)
+
+
+def test_missing_pyautoattack_is_one_line_before_any_work(cli, tiny_copy, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyautoattack", None)
+    monkeypatch.setattr(M, "load_cifar10", lambda *a: pytest.fail("work started before the check"))
+    for argv in (["--eval", "apgd-linf"], ["--eval", "aa-l2"], ["--calibrate"]):
+        status, _, err = cli("--model-file", tiny_copy, *argv)
+        _one_error(status, err, "APGD and AutoAttack need the official code: pip install pyautoattack")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Interrupted evaluation
+# ----------------------------------------------------------------------------------------------------
+def test_ctrl_c_during_evaluation_keeps_the_finished_rows(cli, tiny_copy, tmp_path, monkeypatch):
+    real = M.run_attack
+
+    def interrupt_second(model, name, batches, args, device):
+        if name == "pgd-linf":
+            raise KeyboardInterrupt
+        return real(model, name, batches, args, device)
+
+    monkeypatch.setattr(M, "run_attack", interrupt_second)
+    report = tmp_path / "r.json"
+    status, out, err = cli("--model-file", tiny_copy, "--eval", "natural,pgd-linf,pgd-l2", "--n-eval", "8",
+                           "--report", report)
+    assert status == 1
+    assert f"interrupted: the 1 rows finished so far are in {report}, marked incomplete" in err
+    saved = json.loads(report.read_text())
+    assert saved["complete"] is False and list(saved["results"]) == ["natural"]
+    assert saved["model_sha256"] == _sha256(tiny_copy)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth", "r.json"]
