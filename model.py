@@ -1200,10 +1200,12 @@ def adaptive_components(alpha):
 
 def calibrate(model, train_batches, val_batches, alphas, *, steps, eps=EPS_LINF, criterion="adaptive",
               apgd_iters=APGD_ITERS, seed=0, log=print):
-    """Collect MeanSparse statistics on train_batches, sweep alphas (0 always among them) on val_batches:
-    clean, plain PGD and BPDA PGD accuracy (L-inf), and with the adaptive criterion the APGD worst case
-    with its paired gain over alpha 0. Sets the chosen alpha; returns (alpha, sweep rows)."""
-    collect_statistics(model, train_batches)
+    """Collect MeanSparse statistics on train_batches (None: keep the model's), sweep alphas (0 always
+    among them) on val_batches: clean, plain PGD and BPDA PGD accuracy (L-inf), and with the adaptive
+    criterion the APGD worst case with its paired gain over alpha 0. Sets the chosen alpha; returns
+    (alpha, sweep rows)."""
+    if train_batches is not None:
+        collect_statistics(model, train_batches)
     model.eval()
     sweep, base = [], None
     for alpha in sorted(set(alphas) | {0.0}):
@@ -1609,6 +1611,8 @@ def parse_args(argv=None):
                    help="collect statistics on the training split, choose alpha on validation, save")
     g.add_argument("--n-train", type=_positive_int,
                    help="the first N training images, for statistics and training: a smoke run (default all)")
+    g.add_argument("--reuse-statistics", action="store_true",
+                   help="keep the file's MeanSparse statistics and only choose alpha again (needs no training data)")
     g.add_argument("--alpha-grid", type=_alpha_list, default=_alpha_list(ALPHA_GRID), metavar="LIST",
                    help=f"alphas to try, 0 always among them (default {ALPHA_GRID})")
     g.add_argument("--alpha-criterion", choices=("adaptive", "bpda", "plain"), default="adaptive",
@@ -1660,6 +1664,8 @@ def parse_args(argv=None):
         p.error("--label-smoothing must be < 1")
     if args.calibrate and args.alpha is not None:
         p.error("--calibrate chooses alpha itself; drop --alpha")
+    if args.reuse_statistics and (not args.calibrate or args.force_train):
+        p.error("--reuse-statistics chooses alpha again for an existing model: use it with --calibrate alone")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         p.error("--plot needs matplotlib: pip install matplotlib (or drop --plot; --report keeps the numbers)")
     return args
@@ -1733,6 +1739,8 @@ def check_run(args, train_now, world_size):
                   or (train_now and args.select_from is not None))
     if needs_apgd:
         import_pyautoattack()       # before the work that would end in needing it
+    if args.reuse_statistics and train_now:
+        raise UserError(f"--reuse-statistics: {args.model_file} does not exist, so it has no statistics to reuse")
     if writes_model and args.n_train and not args.model_file_given:
         raise UserError(f"--n-train makes a smoke run: name its output with --model-file (the default, "
                         f"{args.model_file}, is the committed model)")
@@ -1821,7 +1829,8 @@ def _run(args, device, train_now, rank, world_size):
     data_dir = resolve_data_dir(args.data_dir)
     log = print if rank == 0 else (lambda *a, **k: None)
     checkpoint_path = args.model_file + ".ckpt"
-    train_split = load_cifar10(data_dir, "train") if train_now or args.calibrate else None
+    train_split = (load_cifar10(data_dir, "train") if train_now or (args.calibrate and not args.reuse_statistics)
+                   else None)
     if train_now:
         cfg = train_config(args)
         if device.type == "cpu" and args.n_train is None and rank == 0:
@@ -1873,19 +1882,27 @@ def _run(args, device, train_now, rank, world_size):
 
 
 def _calibrate_cli(model, args, train_split, data_dir, device, log):
-    stats_set = tuple(t[:args.n_train] for t in train_split) if args.n_train else train_split
     val_set = load_cifar10(data_dir, "val")
     if args.n_eval:
         val_set = tuple(t[:args.n_eval] for t in val_set)
-    log(f"calibrating MeanSparse: statistics on {len(stats_set[1])} training images, alpha sweep on "
-        f"{len(val_set[1])} validation images")
-    alpha, sweep = calibrate(model, Batches(*stats_set, args.eval_batch_size, device=device),
-                             Batches(*val_set, args.eval_batch_size, device=device), args.alpha_grid,
-                             steps=args.steps, eps=args.eps_linf, criterion=args.alpha_criterion,
+    if args.reuse_statistics:
+        previous = model.meta.get("calibration")
+        if not previous:
+            raise UserError(f"--reuse-statistics: {args.model_file} has no MeanSparse statistics yet; drop the flag")
+        n_train, stats_batches = previous.get("n_train"), None
+        log(f"calibrating MeanSparse: the file's statistics ({n_train} training images), alpha sweep on "
+            f"{len(val_set[1])} validation images")
+    else:
+        stats_set = tuple(t[:args.n_train] for t in train_split) if args.n_train else train_split
+        n_train, stats_batches = len(stats_set[1]), Batches(*stats_set, args.eval_batch_size, device=device)
+        log(f"calibrating MeanSparse: statistics on {n_train} training images, alpha sweep on "
+            f"{len(val_set[1])} validation images")
+    alpha, sweep = calibrate(model, stats_batches, Batches(*val_set, args.eval_batch_size, device=device),
+                             args.alpha_grid, steps=args.steps, eps=args.eps_linf, criterion=args.alpha_criterion,
                              apgd_iters=args.apgd_iters, seed=args.seed, log=log)
     return {"alpha": alpha, "criterion": args.alpha_criterion, "steps": args.steps, "eps": args.eps_linf,
             "apgd_iters": args.apgd_iters if args.alpha_criterion == "adaptive" else None,
-            "n_train": len(stats_set[1]), "n_val": len(val_set[1]), "sweep": sweep}
+            "n_train": n_train, "n_val": len(val_set[1]), "sweep": sweep}
 
 
 def _evaluate_cli(model, args, data_dir, device, log):

@@ -409,3 +409,20 @@ def test_adaptive_calibration_apgd_evaluation_and_plot_on_a_tiny_model(run_cli, 
     assert re.search(r"^apgd-linf\s+\d+\.\d\d %\s+on 16 images.*\(worst case\)$", result.stdout, re.M)
     assert "curves" in report and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"wrote {plot}" in result.stdout
+
+
+def test_reuse_statistics_chooses_alpha_again_without_training_data(run_cli, tmp_path, committed_model_file, data_dir):
+    copy = tmp_path / "copy.pth"
+    shutil.copyfile(committed_model_file, copy)
+    original = torch.load(committed_model_file, weights_only=True)
+    result = run_cli("--calibrate", "--reuse-statistics", "--model-file", copy, "--n-eval", "8", "--steps", "1",
+                     "--alpha-grid", "0,0.35", "--alpha-criterion", "bpda", "--split", "val", "--data-dir", data_dir,
+                     threads=2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "the file's statistics (48976 training images)" in result.stdout
+    payload = torch.load(copy, weights_only=True)
+    for name, value in original["state_dict"].items():
+        if not name.endswith("alpha"):
+            assert torch.equal(payload["state_dict"][name], value), name       # statistics and weights kept
+    cal = payload["meta"]["calibration"]
+    assert cal["n_train"] == 48976 and cal["n_val"] == 8 and [r["alpha"] for r in cal["sweep"]] == [0.0, 0.35]

@@ -132,6 +132,14 @@ def test_alpha_above_the_calibrated_range_warns(cli, tmp_path, tiny_model_file, 
     assert any(line.startswith("warning: --alpha 5 is above the largest calibrated value (0.2)") for line in err)
 
 
+def test_reuse_statistics_needs_a_model_that_has_them(cli, tmp_path, tiny_copy):
+    status, _, err = cli("--calibrate", "--reuse-statistics", "--model-file", tiny_copy, "--n-eval", "8",
+                         "--alpha-criterion", "bpda")
+    _one_error(status, err, f"--reuse-statistics: {tiny_copy} has no MeanSparse statistics yet")
+    status, _, err = cli("--calibrate", "--reuse-statistics", "--model-file", tmp_path / "absent.pth")
+    _one_error(status, err, "does not exist, so it has no statistics to reuse")
+
+
 def test_a_missing_model_file_trains_only_after_a_loud_warning(cli, tmp_path, monkeypatch):
     def stop(*a):
         raise M.UserError("stopped by the test")
