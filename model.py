@@ -1029,12 +1029,13 @@ def _train_epoch(run, batches, cfg, *, net, model, core, optimizer, ema, noise_g
         seen += len(y)
         if ema:
             (ema.update if (progress + 1 / steps) / total >= cfg.ema_start else ema.follow)(net)
-        if i + 1 == STEADY_STEP and steps > 2 * STEADY_STEP:
+        if i + 1 == min(STEADY_STEP, steps):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            steady = (time.perf_counter(), i + 1)     # after cudnn autotuning / compilation
+            if steps > 2 * STEADY_STEP:
+                steady = (time.perf_counter(), i + 1)     # after cudnn autotuning / compilation
             if first and master:
-                _log_estimate(run, cfg, (steady[0] - t0) / steady[1] * steps, log)
+                _log_estimate(run, cfg, (time.perf_counter() - t0) / (i + 1) * steps, log)
         if (i + 1) % 20 == 0 or i + 1 == steps:
             mean_loss = loss_sum.item() / seen        # the one host sync, every 20 steps
             if not math.isfinite(mean_loss):
@@ -1056,8 +1057,9 @@ def _train_epoch(run, batches, cfg, *, net, model, core, optimizer, ema, noise_g
 def _log_estimate(run, cfg, per_epoch, log):
     """After the first steps: how long an epoch and the whole run will take here (before cudnn's tuning
     and compilation end this is an overestimate)."""
-    length = (f"{run.total_epochs - run.epoch} more epochs, about {_duration(per_epoch * (run.total_epochs - run.epoch))}"
-              if run.total_epochs else f"the time budget of {cfg.time_budget:g} min fixes the length after this epoch")
+    left = (run.total_epochs or 0) - run.epoch
+    length = (f"{left} epoch{'s' if left != 1 else ''} to go, about {_duration(per_epoch * left)}" if run.total_epochs
+              else f"the time budget of {cfg.time_budget:g} min fixes the length after this epoch")
     log(f"estimate from the first {STEADY_STEP} steps: about {_duration(per_epoch)} per epoch; {length}")
 
 
@@ -1827,7 +1829,7 @@ def run(args):
 
 def _run(args, device, train_now, rank, world_size):
     data_dir = resolve_data_dir(args.data_dir)
-    log = print if rank == 0 else (lambda *a, **k: None)
+    log = tqdm.write if rank == 0 else (lambda *a, **k: None)     # tqdm.write: lines between progress bars
     checkpoint_path = args.model_file + ".ckpt"
     train_split = (load_cifar10(data_dir, "train") if train_now or (args.calibrate and not args.reuse_statistics)
                    else None)
