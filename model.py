@@ -1428,7 +1428,8 @@ def _plot_training_accuracy(ax, report):
 
 def _plot_sweep(ax, report):
     sweep = report["calibration"]["sweep"]
-    for key, label in (("clean", "clean"), ("plain", "plain PGD"), ("bpda", "BPDA PGD"), ("adaptive", "APGD worst case")):
+    for key, label in (("clean", "clean"), ("plain", "plain PGD"), ("bpda", "BPDA PGD"),
+                       ("adaptive", "APGD worst case")):
         if key in sweep[0]:
             ax.plot([r["alpha"] for r in sweep], [r[key] for r in sweep], "-o", markersize=3, label=label)
     ax.axvline(report["calibration"]["alpha"], color="grey", linestyle=":", label="chosen")
@@ -1494,35 +1495,6 @@ def _number(text):
     return value
 
 
-def _non_negative(text):
-    value = _number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _positive(text):
-    value = _number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _unit_fraction(text):
-    value = _number(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction of the run between 0 and 1, got {text}")
-    return value
-
-
-def _linf_radius(text):
-    """An L-inf radius or step in [0,1] pixel units: above 1 is almost surely 8 meant as 8/255."""
-    value = _non_negative(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"{text} is above 1, the whole [0,1] pixel range: did you mean {text}/255?")
-    return value
-
-
 def _int(text):
     try:
         return int(text)
@@ -1530,17 +1502,28 @@ def _int(text):
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
 
 
-def _positive_int(text):
-    value = _int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+def _checked(parse, ok, rule):
+    """An argparse type: parse(text), then `rule` (the error's words) must hold of the value."""
+    def convert(text):
+        value = parse(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{rule}, got {text}")
+        return value
+    return convert
 
 
-def _non_negative_int(text):
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+_non_negative = _checked(_number, lambda v: v >= 0, "must be >= 0")
+_positive = _checked(_number, lambda v: v > 0, "must be > 0")
+_unit_fraction = _checked(_number, lambda v: 0 <= v <= 1, "must be a fraction of the run between 0 and 1")
+_positive_int = _checked(_int, lambda v: v > 0, "must be > 0")
+_non_negative_int = _checked(_int, lambda v: v >= 0, "must be >= 0")
+
+
+def _linf_radius(text):
+    """An L-inf radius or step in [0,1] pixel units: above 1 is almost surely 8 meant as 8/255."""
+    value = _non_negative(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text} is above 1, the whole [0,1] pixel range: did you mean {text}/255?")
     return value
 
 
@@ -1725,7 +1708,8 @@ def _check_writable(flag, path):
 def check_run(args, train_now, world_size):
     """Every check that needs no data and no model, before any work: a bad combination, an output path
     that cannot be written or would overwrite an input or another output, the committed model at risk.
-    Raises UserError; prints warnings for what is odd but allowed."""
+    Raises UserError; returns warnings for what is odd but allowed."""
+    odd = []
     writes_model = train_now or args.calibrate
     if world_size > 1 and not args.force_train:
         raise UserError("torchrun is for training: add --force-train (evaluation runs in one process)")
@@ -1762,17 +1746,19 @@ def check_run(args, train_now, world_size):
                                 f"destroy that one: give another name")
     if args.steps == 0 and (args.calibrate or args.sanity or args.plot or
                             any(a.split("-")[0] in ("pgd", "bpda", "transfer") for a in args.eval)):
-        warn("--steps 0: PGD makes no step, so the PGD rows measure the random start only")
+        odd.append("--steps 0: PGD makes no step, so the PGD rows measure the random start only")
     split_size = NUM_VAL if args.split == "val" else 10_000
     if args.n_eval and args.n_eval > split_size:
-        warn(f"--n-eval {args.n_eval}: the {args.split} split has {split_size:,} images; using all of them")
+        odd.append(f"--n-eval {args.n_eval}: the {args.split} split has {split_size:,} images; using all of "
+                   f"them")
     if args.arch_given and not train_now:
-        warn(f"--arch {args.arch} is ignored: this run does not train, and {args.model_file} brings its own "
-             f"architecture")
+        odd.append(f"--arch {args.arch} is ignored: this run does not train, and {args.model_file} brings its "
+                   f"own architecture")
     if train_now and not args.force_train:
-        warn(f"{args.model_file} does not exist, so this run TRAINS a new model from scratch, as if "
-             f"--force-train were given (an estimate of its length follows after the first steps); "
-             f"Ctrl-C now if the path is misspelt")
+        odd.append(f"{args.model_file} does not exist, so this run TRAINS a new model from scratch, as if "
+                   f"--force-train were given (an estimate of its length follows after the first steps); "
+                   f"Ctrl-C now if the path is misspelt")
+    return odd
 
 
 @contextlib.contextmanager
@@ -1815,7 +1801,9 @@ def run(args):
     rank, world_size, local_rank = distributed_context()
     device = pick_device(args.device)
     train_now = args.force_train or not os.path.exists(args.model_file)
-    check_run(args, train_now, world_size)
+    for message in check_run(args, train_now, world_size):
+        if rank == 0:
+            warn(message)
     if world_size > 1:
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)

@@ -144,7 +144,8 @@ def main():
     row("./model.py", "natural", t, len(y), f"(accuracy {accuracy:.2f} %)")
     if args.report:
         with open(args.report, "w") as f:
-            json.dump({"command": " ".join(["python3"] + sys.argv), "torch": torch.__version__,
+            json.dump({"command": " ".join(["python3"] + sys.argv), "model_file": M.Net.model_file,
+                       "model_sha256": M.file_sha256(os.path.join(repo, M.Net.model_file)), "torch": torch.__version__,
                        "threads": torch.get_num_threads(), "cpu": _cpu_name(), "rows": rows}, f, indent=2)
 
 
