@@ -10,7 +10,7 @@ Examples
     ./model.py --eval apgd-linf,apgd-l2            # the adaptive evaluation (APGD worst case): a GPU job
     ./model.py --calibrate --model-file copy.pth   # MeanSparse statistics + alpha chosen on validation
     ./model.py --force-train --time-budget 7 --calibrate --eval natural,pgd-linf,bpda-linf
-    ./model.py --force-train --time-budget 9 --trades 6 --awp 5e-3 --train-steps 2 --train-step-size 8/255 \
+    ./model.py --force-train --time-budget 8.5 --trades 6 --awp 5e-3 --train-steps 2 --train-step-size 8/255 \
         --eps-ramp 1 --ema 0.995 --ema-start 0.75 --select-from 0.5 --model-file new.pth
     torchrun --nproc_per_node=2 model.py --force-train -e 30
 
@@ -610,26 +610,30 @@ def apgd_robust(model, batches, components, *, norm, eps, iters, seed, verbose=T
     it cannot change the worst case on the images others broke, and would cost up to twice as much there."""
     robust, clean, own = [], 0, {name: 0 for name in components}
     stats = {name: {"seconds": 0.0, "attacked": 0, "broke": 0} for name in components}
-    for x, y in tqdm(batches, desc=f"APGD {norm}", leave=False, disable=not verbose):
-        with torch.no_grad():
-            alive = model(x).argmax(1) == y
-        clean += int(alive.sum())
-        for name in components:
-            t0 = time.perf_counter()
-            loss, alpha = APGD_COMPONENTS[name]
-            idx = (alive if name in CASCADED else torch.ones_like(alive)).nonzero().flatten()
-            correct = torch.zeros_like(alive)
-            if len(idx):
-                x_adv = apgd(model, x[idx], y[idx], loss=loss, norm=norm, eps=eps, iters=iters, seed=seed,
-                             crafted_at_alpha=alpha)
-                with torch.no_grad():
-                    correct[idx] = model(x_adv).argmax(1) == y[idx]
-            stats[name]["attacked"] += len(idx)
-            stats[name]["broke"] += int((alive & ~correct).sum())
-            own[name] += int(correct.sum())
-            alive &= correct
-            stats[name]["seconds"] += time.perf_counter() - t0
-        robust.append(alive.cpu())
+    try:
+        for x, y in tqdm(batches, desc=f"APGD {norm}", leave=False, disable=not verbose):
+            with torch.no_grad():
+                alive = model(x).argmax(1) == y
+            clean += int(alive.sum())
+            for name in components:
+                t0 = time.perf_counter()
+                loss, alpha = APGD_COMPONENTS[name]
+                idx = (alive if name in CASCADED else torch.ones_like(alive)).nonzero().flatten()
+                correct = torch.zeros_like(alive)
+                if len(idx):
+                    x_adv = apgd(model, x[idx], y[idx], loss=loss, norm=norm, eps=eps, iters=iters, seed=seed,
+                                 crafted_at_alpha=alpha)
+                    with torch.no_grad():
+                        correct[idx] = model(x_adv).argmax(1) == y[idx]
+                stats[name]["attacked"] += len(idx)
+                stats[name]["broke"] += int((alive & ~correct).sum())
+                own[name] += int(correct.sum())
+                alive &= correct
+                stats[name]["seconds"] += time.perf_counter() - t0
+            robust.append(alive.cpu())
+    except KeyboardInterrupt as e:      # the batches finished so far travel with it (minutes of GPU time)
+        e.finished = {"images": sum(len(r) for r in robust), "robust": sum(int(r.sum()) for r in robust)}
+        raise
     robust = torch.cat(robust) if robust else torch.zeros(0, dtype=torch.bool)
     n = max(len(robust), 1)
     stats = {"clean": 100.0 * clean / n,
@@ -680,6 +684,8 @@ def lr_at(epoch_progress, total_epochs, cfg):
     warmup = min(cfg.warmup_epochs, total_epochs / 2)
     if epoch_progress < warmup:
         return cfg.lr * epoch_progress / warmup
+    if math.isinf(total_epochs):    # a time-budget run before its length is fixed: hold the peak
+        return cfg.lr
     return cfg.lr * max(0.0, (total_epochs - epoch_progress) / max(total_epochs - warmup, 1e-12))
 
 
@@ -820,9 +826,10 @@ def apgd_check(model, batches, cfg):
 
 def budget_epochs(cfg, epoch, per_epoch, spent, val_seconds, device, world_size):
     """Total epochs such that the whole schedule ends within cfg.time_budget minutes, given the seconds
-    one epoch takes once warmed up, the seconds spent so far and the cost of one validation."""
-    per_epoch += val_seconds * (2 if cfg.ema else 1) / cfg.val_every
-    remaining = cfg.time_budget * 60 - spent
+    one epoch takes once warmed up, the seconds spent so far and the cost of one validation check (the
+    final EMA validation included when there is one)."""
+    per_epoch += val_seconds / cfg.val_every
+    remaining = cfg.time_budget * 60 - spent - (val_seconds if cfg.ema and cfg.select_from is None else 0)
     fit = epoch + int(0.97 * remaining / per_epoch)
     total = max(fit, epoch + 1, math.ceil(2 * cfg.warmup_epochs))
     if world_size > 1:      # every rank must run the same schedule: rank 0 decides
@@ -912,25 +919,32 @@ def _train(model, train_set, val_set, cfg, *, device, checkpoint_path, resume, l
         record, per_epoch = _train_epoch(run, batches, cfg, master=master, first=first, log=log, **step_objects)
         first = False
         run.epoch += 1
-        fix_length = run.total_epochs is None
-        val_seconds = 0.0
-        if master and (fix_length or run.epoch % cfg.val_every == 0 or run.epoch == run.total_epochs):
+        if master and (run.total_epochs is None or run.epoch % cfg.val_every == 0
+                       or run.epoch == run.total_epochs):
             tv = time.perf_counter()
             record.update(_validate(run, model, ema, val_batches, select_batches, cfg, log))
-            val_seconds = time.perf_counter() - tv
-        if fix_length:
-            run.total_epochs = budget_epochs(cfg, run.epoch, per_epoch, time.perf_counter() - t_start,
-                                             val_seconds, device, world_size)
-            if master:
-                log(f"time budget {cfg.time_budget:g} min at {per_epoch:.1f} s per epoch: "
-                    f"{run.total_epochs} epochs")
+            record["val_seconds"] = round(time.perf_counter() - tv, 2)
         run.history.append(record)
+        if cfg.time_budget is not None and (run.total_epochs is None or run.epoch < run.total_epochs):
+            _fit_length(run, cfg, per_epoch, time.perf_counter() - t_start, device, world_size, master, log)
         if master:
             _log_epoch(run, record, log)
             run.elapsed = time.perf_counter() - t_start
             save_checkpoint(_checkpoint(run, cfg, model, optimizer, ema, data_gen, noise_gen), checkpoint_path)
     return _finish(run, model, ema, val_batches, cfg, batches, device, world_size, master,
                    time.perf_counter() - t_start, log)
+
+
+def _fit_length(run, cfg, per_epoch, spent, device, world_size, master, log):
+    """Set (after the first epoch) or correct (after every later one) the length of a time-budget run
+    from the cost of the epoch just run. Correcting matters: the first epoch of an eps ramp has no attack
+    and AWP starts after its warm-up, so the first epoch can cost half of a later one."""
+    check = max((r.get("val_seconds", 0.0) for r in run.history), default=0.0)   # the dearest check so far
+    total = budget_epochs(cfg, run.epoch, per_epoch, spent, check, device, world_size)
+    if master and total != run.total_epochs:
+        log(f"time budget {cfg.time_budget:g} min at {per_epoch:.1f} s per epoch: {total} epochs"
+            + (f" (was {run.total_epochs})" if run.total_epochs else ""))
+    run.total_epochs = total
 
 
 def _training_batches(train_set, val_set, cfg, device, data_gen, rank, world_size, channels_last):
@@ -1912,10 +1926,13 @@ def _evaluate_cli(model, args, data_dir, device, log):
             accuracy, settings = run_attack(model, name, batches, args, device)
             report["results"][name] = {"accuracy": accuracy, "n": len(labels),
                                        "seconds": round(time.perf_counter() - t0, 2), **settings}
-            bpda_note = " (under BPDA)" if name.startswith(("aa-", "apgd-")) and alpha > 0 else ""
-            worst = " (worst case)" if name.startswith("apgd-") else ""
+            notes = []
+            if name.startswith("apgd-"):
+                notes.append("worst case")
+            if name.startswith(("aa-", "apgd-")) and alpha > 0:
+                notes.append("under BPDA")
             log(f"{name:14s} {accuracy:6.2f} %  on {len(labels)} images  "
-                f"{report['results'][name]['seconds']:8.1f} s{bpda_note}{worst}")
+                f"{report['results'][name]['seconds']:8.1f} s" + (f" ({', '.join(notes)})" if notes else ""))
         if "natural" in report["results"]:
             print(f"Model natural accuracy ({args.split}): {report['results']['natural']['accuracy']:.2f}")
         if args.sanity:
@@ -1924,11 +1941,18 @@ def _evaluate_cli(model, args, data_dir, device, log):
             log(f"sanity: {'PASS' if passed else 'FAIL'}")
         if args.plot:
             report["curves"] = robustness_curves(model, batches, args, device)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        finished = getattr(e, "finished", None)      # an APGD row stopped between its batches
+        if finished and finished["images"]:
+            report["results"][name] = {"complete": False, "n_done": finished["images"],
+                                       "accuracy_so_far": 100.0 * finished["robust"] / finished["images"],
+                                       "n": len(labels), "seconds": round(time.perf_counter() - t0, 2)}
+            log(f"\n{name:14s} {report['results'][name]['accuracy_so_far']:6.2f} %  on the first "
+                f"{finished['images']} of {len(labels)} images (interrupted)")
         if args.report:
             write_report(report, args)
-            print(f"\ninterrupted: the {len(report['results'])} rows finished so far are in {args.report}, "
-                  f"marked incomplete", file=sys.stderr)
+            print(f"\ninterrupted: the rows finished so far are in {args.report}, marked incomplete",
+                  file=sys.stderr)
         raise
     report["complete"] = True
     return report

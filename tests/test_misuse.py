@@ -207,8 +207,32 @@ def test_ctrl_c_during_evaluation_keeps_the_finished_rows(cli, tiny_copy, tmp_pa
     status, out, err = cli("--model-file", tiny_copy, "--eval", "natural,pgd-linf,pgd-l2", "--n-eval", "8",
                            "--report", report)
     assert status == 1
-    assert f"interrupted: the 1 rows finished so far are in {report}, marked incomplete" in err
+    assert f"interrupted: the rows finished so far are in {report}, marked incomplete" in err
     saved = json.loads(report.read_text())
     assert saved["complete"] is False and list(saved["results"]) == ["natural"]
     assert saved["model_sha256"] == _sha256(tiny_copy)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth", "r.json"]
+
+
+def test_an_interrupted_apgd_row_keeps_its_finished_batches(cli, tiny_copy, tmp_path, monkeypatch):
+    # a GPU run stopped at its deadline keeps the worst case of the images it finished
+    first = tmp_path / "first4.json"
+    assert cli("--model-file", tiny_copy, "--eval", "natural", "--n-eval", "4", "--report", first)[0] == 0
+    calls = []
+
+    def no_attack_then_stop(model, x, y, *, loss, crafted_at_alpha=None, **kw):
+        if loss == "ce" and crafted_at_alpha is None:       # the first component of each batch
+            calls.append(len(y))
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+        return x.clone()
+
+    monkeypatch.setattr(M, "apgd", no_attack_then_stop)
+    report = tmp_path / "r.json"
+    status, out, err = cli("--model-file", tiny_copy, "--eval", "apgd-linf", "--n-eval", "8",
+                           "--eval-batch-size", "4", "--report", report)
+    assert status == 1 and calls == [4, 4]
+    row = json.loads(report.read_text())["results"]["apgd-linf"]
+    assert row["complete"] is False and row["n_done"] == 4 and row["n"] == 8
+    assert row["accuracy_so_far"] == json.loads(first.read_text())["results"]["natural"]["accuracy"]
+    assert "on the first 4 of 8 images (interrupted)" in out, out

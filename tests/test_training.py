@@ -51,6 +51,8 @@ def test_lr_schedule_is_one_cycle():
     assert M.lr_at(0.5, 2, cfg) == pytest.approx(0.1)
     # during the first epoch of a time-budget run (length unknown) only the warm-up applies
     assert M.lr_at(0.5, math.inf, cfg) == pytest.approx(0.05)
+    short = M.TrainConfig(lr=0.2, warmup_epochs=0.5)      # a warm-up that ends before the length is known
+    assert M.lr_at(0.8, math.inf, short) == pytest.approx(0.2)
 
 
 @pytest.mark.parametrize("budget, epoch, per_epoch, spent, val_seconds", [
@@ -237,7 +239,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(small_sets, tmp
                             resume=True, log=lines.append)
     assert any("resuming" in line and "after epoch 2 of 3" in line for line in lines)
     _state_equal(resumed.state_dict(), reference.state_dict())
-    untimed = lambda history: [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in history]
+    untimed = lambda history: [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s", "val_seconds")} for r in history]
     assert untimed(info["history"]) == untimed(ref_info["history"])      # losses and every validation figure
     assert info["selected"] == ref_info["selected"] and info["weights"] == ref_info["weights"]
     assert info["epochs"] == 3
@@ -288,6 +290,22 @@ def test_time_budget_fixes_the_length_and_is_respected(small_sets, tmp_path):
     slowest = max(r["seconds"] for r in info["history"])
     assert info["wall_seconds"] <= budget_min * 60 * 1.25 + slowest, info
     assert info["wall_seconds"] >= budget_min * 60 * 0.3                      # and it did not stop early
+
+
+def test_time_budget_is_respected_when_epochs_get_dearer(small_sets, tmp_path):
+    # An eps ramp leaves the first epoch of a budget run without attack; later epochs run a 6-step attack
+    # and cost several times as much. Fixing the length from the first epoch alone overran such a budget.
+    train_set, val_set = small_sets
+    budget_min = 0.15                                          # 9 seconds
+    cfg = _cfg(epochs=None, time_budget=budget_min, warmup_epochs=0.5, eps_ramp=0.5, attack_steps=6)
+    lines = []
+    _, info = M.train(_net(), train_set, val_set, cfg, device="cpu", checkpoint_path=str(tmp_path / "m.ckpt"),
+                      log=lines.append)
+    seconds = [r["seconds"] for r in info["history"]]
+    assert min(seconds[1:]) > 2 * seconds[0], seconds                        # the case this test is about
+    assert any("(was " in line for line in lines), lines                     # the length was corrected
+    assert info["wall_seconds"] <= budget_min * 60 * 1.25 + max(seconds), info
+    assert len(info["history"]) == info["epochs"]
 
 
 def test_trades_runs_one_epoch(small_sets, tmp_path):
