@@ -17,10 +17,14 @@
 #   GRID   alpha grid of the calibrate runs (default 0,0.1,0.2,0.3,0.35,0.4)
 #   RECIPE the new recipe's model file (default /tmp/gpu-models/recipe.pth, written by recipe_train; in a later
 #          allocation carry it, e.g. as .device-extra/recipe.pth, and pass RECIPE=.device-extra/recipe.pth)
-#   BUDGET recipe_train's --time-budget in minutes (default 9: the call's 10 minutes hold startup and the rest)
+#   BUDGET recipe_train's --time-budget in minutes (default 8.5: the call's 570 s also hold the start, the
+#          statistics pass, the test-set check and the save, and a run killed at the deadline loses its model:
+#          the checkpoint is too large to come back)
+#   EXTRA  flags appended to every model.py command, for a dry run on the CPU, e.g.
+#          EXTRA="--n-eval 4" or, for recipe_train, EXTRA="--arch 10-1 --n-train 1024"
 #   DATA   data folder (default .device-extra/c10; the recipe runs need the whole training split:
 #          ../shared/device/stage-cifar10 puts it in /tmp/cifar10)
-# On the CPU, `N=2 EBS=2 LIMIT=3600 bash bench/gpu.sh run apgd_linf_test` checks a path end to end.
+# On the CPU, `N=2 EBS=2 LIMIT=3600 bash bench/gpu.sh run apgd_linf_test` checks a path end to end (see EXTRA).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra=.device-extra
@@ -30,7 +34,7 @@ data="${DATA:-$extra/c10}"
 n_flag=(); [ -n "${N:-}" ] && n_flag=(--n-eval "$N")
 common=(--split test --eval-batch-size "${EBS:-1000}" --data-dir "$data")
 grid="${GRID:-0,0.1,0.2,0.3,0.35,0.4}"
-recipe=(--force-train --time-budget "${BUDGET:-9}" --trades 6 --awp 5e-3 --awp-warmup 5 --train-steps 2
+recipe=(--force-train --time-budget "${BUDGET:-8.5}" --trades 6 --awp 5e-3 --awp-warmup 5 --train-steps 2
         --train-step-size 8/255 --eps-ramp 1 --ema 0.995 --ema-start 0.75 --select-from 0.5)
 
 recipe_model="${RECIPE:-/tmp/gpu-models/recipe.pth}"
@@ -114,7 +118,10 @@ run)
         left=$(( end - $(date +%s) ))
         if [ "$left" -le 0 ]; then echo "== $name: no time left, skipped"; status=1; continue; fi
         read -r -a cmd <<<"$(command_of "$name")"
-        [ "${cmd[0]}" = ./model.py ] && cmd+=(--report "$out/$name.json")
+        if [ "${cmd[0]}" = ./model.py ]; then
+            read -r -a extra_flags <<<"${EXTRA:-}"
+            cmd+=("${extra_flags[@]}" --report "$out/$name.json")
+        fi
         echo "== $name (at most $left s): ${cmd[*]}"
         timeout "$left" "${cmd[@]}" 2>&1 | tee "$out/$name.log" || status=1
         case "$name" in     # the models these runs wrote come back too
