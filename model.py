@@ -1848,17 +1848,20 @@ def _run(args, device, train_now, rank, world_size):
             torch.distributed.destroy_process_group()
             if rank != 0:
                 return 0
+        # saved before calibration and evaluation: an interruption from here on keeps the trained weights
+        model.save(args.model_file, meta)
+        if os.path.exists(checkpoint_path):
+            os.unlink(checkpoint_path)      # the model file now holds everything the checkpoint did
+        log(f"saved {args.model_file}")
     else:
         model = load_model(args.model_file, device)
         meta = dict(model.meta)
     model.eval().to(memory_format=torch.channels_last)     # faster convolutions on GPUs and CPUs alike
     if args.calibrate:
         meta["calibration"] = _calibrate_cli(model, args, train_split, data_dir, device, log)
-    if train_now or args.calibrate:
+    if args.calibrate:
         model.save(args.model_file, meta)
-        if os.path.exists(checkpoint_path) and train_now:
-            os.unlink(checkpoint_path)      # the model file now holds everything the checkpoint did
-        log(f"saved {args.model_file}")
+        log(f"saved {args.model_file} (calibrated)")
     if args.alpha is not None:
         calibrated = meta.get("calibration", {}).get("sweep")
         if args.alpha > 0 and not calibrated:

@@ -236,3 +236,18 @@ def test_an_interrupted_apgd_row_keeps_its_finished_batches(cli, tiny_copy, tmp_
     assert row["complete"] is False and row["n_done"] == 4 and row["n"] == 8
     assert row["accuracy_so_far"] == json.loads(first.read_text())["results"]["natural"]["accuracy"]
     assert "on the first 4 of 8 images (interrupted)" in out, out
+
+
+def test_ctrl_c_after_training_keeps_the_trained_model(cli, tmp_path, monkeypatch):
+    # the trained weights are saved before calibration: a GPU call cut there still brings them back
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(M, "calibrate", interrupt)
+    model_file = tmp_path / "new.pth"
+    status, out, err = cli(*TINY_TRAIN, "--model-file", model_file, "--calibrate", "--n-eval", "8")
+    assert status == 1 and err[-1] == "interrupted", err
+    assert f"saved {model_file}" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.pth"]      # the checkpoint's job is done
+    meta = M.load_model(str(model_file)).meta
+    assert meta["training"]["epochs"] == 1 and "calibration" not in meta
