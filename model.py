@@ -602,6 +602,11 @@ ADAPTIVE = ("apgd-ce", "apgd-ce-transfer", "apgd-t")      # the adaptive evaluat
 CASCADED = ("apgd-t",)      # nine runs in one: attacks only the images the components before it left correct
 
 
+def percent(correct):
+    """Accuracy (%) from per-image outcomes (bool tensor), exact: integer count over images."""
+    return 100.0 * int(correct.sum()) / max(len(correct), 1)
+
+
 def apgd_robust(model, batches, components, *, norm, eps, iters, seed, verbose=True):
     """Per image of `batches`: is it still classified correctly after every one of `components` (APGD
     attacks, see APGD_COMPONENTS)? The worst case per image, judged by the model's own forward pass (the
@@ -632,7 +637,8 @@ def apgd_robust(model, batches, components, *, norm, eps, iters, seed, verbose=T
                 stats[name]["seconds"] += time.perf_counter() - t0
             robust.append(alive.cpu())
     except KeyboardInterrupt as e:      # the batches finished so far travel with it (minutes of GPU time)
-        e.finished = {"images": sum(len(r) for r in robust), "robust": sum(int(r.sum()) for r in robust)}
+        e.finished = {"images": sum(len(r) for r in robust), "robust": sum(int(r.sum()) for r in robust),
+                      "per_image": per_image_string(torch.cat(robust)) if robust else ""}
         raise
     robust = torch.cat(robust) if robust else torch.zeros(0, dtype=torch.bool)
     n = max(len(robust), 1)
@@ -821,7 +827,7 @@ def apgd_check(model, batches, cfg):
     model.eval()
     robust, stats = apgd_robust(model, batches, SELECT_ATTACKS, norm="linf", eps=cfg.eps,
                                 iters=cfg.select_iters, seed=cfg.seed, verbose=False)
-    return 100.0 * robust.float().mean().item(), stats["clean"]
+    return percent(robust), stats["clean"]
 
 
 def budget_epochs(cfg, epoch, per_epoch, spent, val_seconds, device, world_size):
@@ -1238,7 +1244,7 @@ def calibrate(model, train_batches, val_batches, alphas, *, steps, eps=EPS_LINF,
             robust, _ = apgd_robust(model, val_batches, adaptive_components(alpha), norm="linf", eps=eps,
                                     iters=apgd_iters, seed=seed)
             base = robust if alpha == 0 else base
-            row["adaptive"] = 100.0 * robust.float().mean().item()
+            row["adaptive"] = percent(robust)
             row["gain"], row["gain_se"] = paired_gain(robust, base)
             line += f"  adaptive {row['adaptive']:6.2f}"
             if alpha > 0:
@@ -1275,16 +1281,28 @@ def make_pgd(norm, eps, step_size, steps, *, restarts=1, generator=None, use_bpd
     return attack
 
 
-def evaluate(model, batches, attack=None, desc="natural", verbose=True):
-    """Accuracy (%) of `model` on `batches`, after `attack` (callable(model, x, y) -> x_adv) if given."""
-    correct, n = 0, 0
+def correct_per_image(model, batches, attack=None, desc="natural", verbose=True):
+    """Per image of `batches`, in order: does `model` classify it correctly, after `attack`
+    (callable(model, x, y) -> x_adv) if given? A bool tensor on the CPU."""
+    correct = []
     for x, y in tqdm(batches, desc=desc, leave=False, disable=not verbose):
         if attack is not None:
             x = attack(model, x, y)
         with torch.inference_mode():
-            correct += (model(x).argmax(1) == y).sum().item()
-        n += len(y)
-    return 100.0 * correct / max(n, 1)
+            correct.append((model(x).argmax(1) == y).cpu())
+    return torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
+
+
+def evaluate(model, batches, attack=None, desc="natural", verbose=True):
+    """Accuracy (%) of `model` on `batches`, after `attack` (callable(model, x, y) -> x_adv) if given."""
+    return percent(correct_per_image(model, batches, attack, desc=desc, verbose=verbose))
+
+
+def per_image_string(correct):
+    """A report's record of which images an attack left correct: "1" (correct) or "0" per image, in the
+    split's order from its first image. It lets two reports be compared image by image (bench/compare.py):
+    a paired difference has a far smaller standard error than two accuracies side by side."""
+    return "".join("1" if c else "0" for c in correct.tolist())
 
 
 ATTACKS = ("natural", "pgd-linf", "pgd-l2", "bpda-linf", "bpda-l2", "transfer-linf", "apgd-linf", "apgd-l2",
@@ -1338,10 +1356,11 @@ def autoattack_accuracy(model, images, labels, *, norm, eps, batch_size, seed, d
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-    accuracy = evaluate(model, [(x_adv[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)],
-                        verbose=False)
-    details = {"pyautoattack": getattr(pyautoattack, "__version__", "unknown"), "log": handler.lines}
-    return accuracy, details
+    correct = correct_per_image(model, [(x_adv[i:i + batch_size], y[i:i + batch_size])
+                                        for i in range(0, len(y), batch_size)], verbose=False)
+    details = {"pyautoattack": getattr(pyautoattack, "__version__", "unknown"), "log": handler.lines,
+               "per_image": per_image_string(correct)}
+    return percent(correct), details
 
 
 def adaptive_accuracy(model, batches, *, norm, eps, iters, seed, log=print):
@@ -1356,16 +1375,19 @@ def adaptive_accuracy(model, batches, *, norm, eps, iters, seed, log=print):
             f"broke {c['broke']} of the {c['attacked']} images the others left"
         log(f"  {name:17s} {own}  {c['seconds']:8.1f} s")
     pyautoattack = import_pyautoattack()
-    return 100.0 * robust.float().mean().item(), {"components": {k: stats[k] for k in components},
+    return percent(robust), {"components": {k: stats[k] for k in components},
                                                   "clean": stats["clean"],
-                                                  "pyautoattack": getattr(pyautoattack, "__version__", "unknown")}
+                                                  "pyautoattack": getattr(pyautoattack, "__version__", "unknown"),
+                                                  "per_image": per_image_string(robust)}
 
 
 def run_attack(model, name, batches, args, device):
-    """(accuracy %, settings) of attack `name` on `batches`."""
+    """(accuracy %, settings) of attack `name` on `batches`; settings end with the per-image record
+    (`per_image_string`)."""
     settings = attack_settings(name, args)
     if name == "natural":
-        return evaluate(model, batches, desc="natural"), settings
+        correct = correct_per_image(model, batches, desc="natural")
+        return percent(correct), {**settings, "per_image": per_image_string(correct)}
     if name.startswith("aa-"):
         accuracy, details = autoattack_accuracy(model, batches.images, batches.labels, norm=settings["norm"],
                                                 eps=settings["eps"], batch_size=batches.batch_size,
@@ -1379,7 +1401,8 @@ def run_attack(model, name, batches, args, device):
     attack = make_pgd(settings["norm"], settings["eps"], settings["step_size"], settings["steps"],
                       restarts=settings["restarts"], generator=gen, use_bpda=settings["bpda"],
                       craft_alpha=settings["crafted_at_alpha"])
-    return evaluate(model, batches, attack, desc=name), settings
+    correct = correct_per_image(model, batches, attack, desc=name)
+    return percent(correct), {**settings, "per_image": per_image_string(correct)}
 
 
 def robustness_curves(model, batches, args, device):
@@ -1877,7 +1900,10 @@ def _run(args, device, train_now, rank, world_size):
             if part in meta:
                 report[part] = meta[part]
         if args.alpha is None:
-            meta["evaluation"] = {k: report[k] for k in ("split", "n", "alpha", "results")}
+            results = {name: {k: v for k, v in row.items() if k != "per_image"}     # the report keeps those
+                       for name, row in report["results"].items()}
+            meta["evaluation"] = {"split": report["split"], "n": report["n"], "alpha": report["alpha"],
+                                  "results": results}
             model.save(args.model_file, meta)       # record the measured figures with the weights
     if args.plot:
         plot_report(report, args.plot, f"{model.arch_name}, alpha {report['alpha']:g}, n={report['n']}")
@@ -1949,7 +1975,8 @@ def _evaluate_cli(model, args, data_dir, device, log):
         if finished and finished["images"]:
             report["results"][name] = {"complete": False, "n_done": finished["images"],
                                        "accuracy_so_far": 100.0 * finished["robust"] / finished["images"],
-                                       "n": len(labels), "seconds": round(time.perf_counter() - t0, 2)}
+                                       "n": len(labels), "seconds": round(time.perf_counter() - t0, 2),
+                                       "per_image": finished["per_image"]}
             log(f"\n{name:14s} {report['results'][name]['accuracy_so_far']:6.2f} %  on the first "
                 f"{finished['images']} of {len(labels)} images (interrupted)")
         if args.report:

@@ -309,6 +309,10 @@ def test_evaluate_counts_correct_predictions():
     assert M.evaluate(model, batches, attack, verbose=False) == pytest.approx(80.0)
     assert calls == [3, 2]
     assert M.evaluate(model, [], verbose=False) == 0.0
+    model = ScriptedModel([torch.eye(10)[[1, 2, 3]], torch.eye(10)[[4, 5]]])
+    correct = M.correct_per_image(model, batches, verbose=False)
+    assert correct.tolist() == [True, False, True, True, True]
+    assert M.per_image_string(correct) == "10111" and M.percent(correct) == 80.0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -337,6 +341,7 @@ def test_autoattack_runs_under_bpda_and_is_at_least_as_strong_as_pgd(tiny_traine
     print(f"natural {natural:.2f}  BPDA PGD-20 {pgd:.2f}  AutoAttack {accuracy:.2f}")
     assert pgd > 0                                  # else the comparison below says nothing
     assert accuracy <= pgd + 100 / 24               # within one image of PGD, or stronger
+    assert len(details["per_image"]) == 24 and accuracy == 100.0 * details["per_image"].count("1") / 24
     assert accuracy < natural
     # its progress lines were shown as they came and are kept for the report
     assert details["pyautoattack"] and details["log"] and shown == [f"  autoattack: {s}" for s in details["log"]]

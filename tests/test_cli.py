@@ -238,6 +238,12 @@ def test_eval_report_on_the_committed_model(run_cli, tmp_path, committed_model_f
         r = results[name]
         assert r["n"] == 16 and r["seconds"] >= 0
         assert 0 <= r["accuracy"] <= 100 and (r["accuracy"] * 16 / 100) == pytest.approx(round(r["accuracy"] * 16 / 100))
+        # which images survived, in split order: the accuracy is its mean, exactly
+        assert len(r["per_image"]) == 16 and set(r["per_image"]) <= {"0", "1"}
+        assert r["accuracy"] == 100.0 * r["per_image"].count("1") / 16
+    # the attacks' images are the clean images each broke or not: none survives that natural got wrong
+    for name in attacks[1:]:
+        assert all(a <= c for a, c in zip(results[name]["per_image"], results["natural"]["per_image"])), name
     assert float(match.group(1)) == pytest.approx(results["natural"]["accuracy"], abs=0.005)
     assert results["natural"]["accuracy"] >= 60.0
     for name in attacks[1:]:
@@ -309,6 +315,8 @@ def test_force_train_tiny_model_writes_file_and_removes_checkpoint(cli_trained):
     rep = json.loads(report.read_text())
     assert rep["model_sha256"] == _sha256(model_file)          # the report names the file as finally written
     assert rep["results"]["natural"]["accuracy"] == payload["meta"]["evaluation"]["results"]["natural"]["accuracy"]
+    assert len(rep["results"]["natural"]["per_image"]) == 16         # in the report, not in the model file
+    assert "per_image" not in payload["meta"]["evaluation"]["results"]["natural"]
 
 
 def test_sigterm_keeps_the_checkpoint_and_resume_finishes_the_run(tmp_path, data_dir, repo_root):
@@ -406,6 +414,8 @@ def test_adaptive_calibration_apgd_evaluation_and_plot_on_a_tiny_model(run_cli, 
     expected = ["apgd-ce", "apgd-ce-transfer", "apgd-t"] if cal["alpha"] > 0 else ["apgd-ce", "apgd-t"]
     assert list(apgd["components"]) == expected
     assert apgd["accuracy"] <= min(apgd["components"]["apgd-ce"]["accuracy"], apgd["clean"])
+    worst, clean = apgd["per_image"], report["results"]["natural"]["per_image"]
+    assert apgd["accuracy"] == 100.0 * worst.count("1") / 16 and all(w <= c for w, c in zip(worst, clean))
     assert re.search(r"^apgd-linf\s+\d+\.\d\d %\s+on 16 images.*\(worst case\)$", result.stdout, re.M)
     assert "curves" in report and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"wrote {plot}" in result.stdout

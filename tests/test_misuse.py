@@ -235,6 +235,7 @@ def test_an_interrupted_apgd_row_keeps_its_finished_batches(cli, tiny_copy, tmp_
     row = json.loads(report.read_text())["results"]["apgd-linf"]
     assert row["complete"] is False and row["n_done"] == 4 and row["n"] == 8
     assert row["accuracy_so_far"] == json.loads(first.read_text())["results"]["natural"]["accuracy"]
+    assert row["per_image"] == json.loads(first.read_text())["results"]["natural"]["per_image"]
     assert "on the first 4 of 8 images (interrupted)" in out, out
 
 
