@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import pickle
+import shutil
 import signal
 import sys
 import tempfile
@@ -1752,8 +1753,14 @@ def check_run(args, train_now, world_size):
         raise UserError("torchrun is for training: add --force-train (evaluation runs in one process)")
     if args.resume and not args.force_train:
         raise UserError("--resume continues training: add --force-train")
-    if args.resume and not os.path.isfile(args.model_file + ".ckpt"):
-        raise UserError(f"--resume: no checkpoint {args.model_file}.ckpt; run without --resume to start")
+    checkpoint = args.model_file + ".ckpt"
+    if args.resume and not os.path.isfile(checkpoint):
+        raise UserError(f"--resume: no checkpoint {checkpoint}; run without --resume to start")
+    if train_now and not args.resume and os.path.isfile(checkpoint):
+        # starting over would overwrite it after one epoch: maybe hours of training, lost to a forgotten flag
+        written = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(checkpoint)))
+        raise UserError(f"{checkpoint} holds an unfinished training run (written {written}): add --resume to "
+                        f"continue it, or delete it to start over")
     if train_now and args.alpha and not args.calibrate:
         raise UserError("--alpha needs MeanSparse statistics, which a newly trained model gets only with "
                         "--calibrate")
@@ -1773,7 +1780,8 @@ def check_run(args, train_now, world_size):
         raise UserError(f"--arch {args.arch}: {args.model_file} is the file Net() loads (a WRN-{DEFAULT_ARCH}), "
                         f"which the grader and test_project.py need; pass --model-file for another architecture")
     outputs = [("--model-file", args.model_file)] if writes_model else []
-    outputs += [("checkpoint", args.model_file + ".ckpt")] if train_now else []
+    outputs += [("checkpoint", checkpoint)] if train_now else []
+    outputs += [("backup", args.model_file + ".prev")] if writes_model and os.path.exists(args.model_file) else []
     outputs += [(flag, path) for flag, path in (("--report", args.report), ("--plot", args.plot)) if path]
     for i, (flag, path) in enumerate(outputs):
         _check_writable(flag, path)
@@ -1858,6 +1866,8 @@ def _run(args, device, train_now, rank, world_size):
     checkpoint_path = args.model_file + ".ckpt"
     train_split = (load_cifar10(data_dir, "train") if train_now or (args.calibrate and not args.reuse_statistics)
                    else None)
+    # the file as it was before this run, kept as <model-file>.prev when the run first replaces it
+    previous = args.model_file if rank == 0 and os.path.isfile(args.model_file) else None
     if train_now:
         cfg = train_config(args)
         if device.type == "cpu" and args.n_train is None and rank == 0:
@@ -1872,6 +1882,7 @@ def _run(args, device, train_now, rank, world_size):
             if rank != 0:
                 return 0
         # saved before calibration and evaluation: an interruption from here on keeps the trained weights
+        previous = keep_previous(previous, log)
         model.save(args.model_file, meta)
         if os.path.exists(checkpoint_path):
             os.unlink(checkpoint_path)      # the model file now holds everything the checkpoint did
@@ -1883,6 +1894,7 @@ def _run(args, device, train_now, rank, world_size):
     if args.calibrate:
         meta["calibration"] = _calibrate_cli(model, args, train_split, data_dir, device, log)
     if args.calibrate:
+        previous = keep_previous(previous, log)
         model.save(args.model_file, meta)
         log(f"saved {args.model_file} (calibrated)")
     if args.alpha is not None:
@@ -1912,6 +1924,17 @@ def _run(args, device, train_now, rank, world_size):
         write_report(report, args)
         log(f"wrote {args.report}")
     return 0 if report.get("sanity", {}).get("passed", True) else 1
+
+
+def keep_previous(path, log):
+    """Copy `path` (None: nothing to keep) to <path>.prev before a run first replaces it: a retraining that
+    turns out worse, or a --model-file that named the wrong file, loses no model. One generation is kept.
+    Returns None, so that the run's later saves keep nothing more."""
+    if path is not None:
+        with open(path, "rb") as src:
+            atomic_write(path + ".prev", lambda f: shutil.copyfileobj(src, f))
+        log(f"kept the file this run replaces as {path}.prev")
+    return None
 
 
 def _calibrate_cli(model, args, train_split, data_dir, device, log):

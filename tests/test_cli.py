@@ -282,7 +282,8 @@ def test_calibrate_a_copy_of_the_committed_model(run_cli, tmp_path, committed_mo
     assert torch.equal(state["conv1.weight"], old["conv1.weight"])
     loaded = M.load_model(str(copy))
     assert M.get_alpha(loaded) == cal["alpha"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.pth", "copy.pth.prev"]
+    assert (tmp_path / "copy.pth.prev").read_bytes() == committed_model_file.read_bytes()   # nothing lost
 
 
 TRAIN_ARGS = ["--force-train", "-e", "2", "--arch", "10-1", "--n-train", "256", "--batch-size", "128",

@@ -150,6 +150,38 @@ def test_a_missing_model_file_trains_only_after_a_loud_warning(cli, tmp_path, mo
     assert err[0].startswith(f"warning: {tmp_path / 'mispelt.pth'} does not exist, so this run TRAINS a new model")
 
 
+def test_an_unfinished_run_is_not_overwritten_without_resume(cli, tmp_path):
+    # starting over would replace the checkpoint after one epoch: hours of training lost to a forgotten flag
+    model_file, ckpt = tmp_path / "m.pth", tmp_path / "m.pth.ckpt"
+    ckpt.write_bytes(b"an unfinished run")
+    status, out, err = cli(*TINY_TRAIN, "--model-file", model_file)
+    _one_error(status, err, f"{ckpt} holds an unfinished training run (written ")
+    assert "add --resume to continue it, or delete it to start over" in err[-1]
+    assert ckpt.read_bytes() == b"an unfinished run" and not model_file.exists()
+
+
+def test_a_replaced_model_file_is_kept_as_prev(cli, tiny_copy, tmp_path):
+    # a retraining that turns out worse, or a --model-file naming the wrong file, loses no model
+    before = tiny_copy.read_bytes()
+    status, out, err = cli(*TINY_TRAIN, "--model-file", tiny_copy, "--calibrate", "--alpha-criterion", "bpda",
+                           "--alpha-grid", "0,0.1", "--steps", "1", "--n-eval", "8")
+    assert status == 0, err
+    assert out.count(f"kept the file this run replaces as {tiny_copy}.prev") == 1, out
+    assert (tmp_path / "m.pth.prev").read_bytes() == before          # the file before the run, not after training
+    assert tiny_copy.read_bytes() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth", "m.pth.prev"]
+    trained = tiny_copy.read_bytes()                                  # one generation: the next run keeps this one
+    assert cli("--model-file", tiny_copy, "--calibrate", "--reuse-statistics", "--alpha-criterion", "bpda",
+               "--alpha-grid", "0", "--steps", "1", "--n-eval", "8", "--split", "val")[0] == 0
+    assert (tmp_path / "m.pth.prev").read_bytes() == trained
+
+
+def test_a_new_model_file_leaves_no_prev(cli, tmp_path):
+    status, out, err = cli(*TINY_TRAIN, "--model-file", tmp_path / "new.pth", "--n-eval", "8")
+    assert status == 0, err
+    assert "kept the file" not in out and sorted(p.name for p in tmp_path.iterdir()) == ["new.pth"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Broken inputs
 # ----------------------------------------------------------------------------------------------------
