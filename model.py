@@ -1376,10 +1376,9 @@ def adaptive_accuracy(model, batches, *, norm, eps, iters, seed, log=print):
             f"broke {c['broke']} of the {c['attacked']} images the others left"
         log(f"  {name:17s} {own}  {c['seconds']:8.1f} s")
     pyautoattack = import_pyautoattack()
-    return percent(robust), {"components": {k: stats[k] for k in components},
-                                                  "clean": stats["clean"],
-                                                  "pyautoattack": getattr(pyautoattack, "__version__", "unknown"),
-                                                  "per_image": per_image_string(robust)}
+    return percent(robust), {"components": {k: stats[k] for k in components}, "clean": stats["clean"],
+                             "pyautoattack": getattr(pyautoattack, "__version__", "unknown"),
+                             "per_image": per_image_string(robust)}
 
 
 def run_attack(model, name, batches, args, device):
@@ -1838,6 +1837,17 @@ def model_file_lock(model_file):
             os.unlink(path)     # before the lock is released, so that no one locks a file about to vanish
 
 
+def keep_previous(path, log):
+    """Copy `path` (None: nothing to keep) to <path>.prev before a run first replaces it: a retraining that
+    turns out worse, or a --model-file that named the wrong file, loses no model. One generation is kept.
+    Returns None, so that the run's later saves keep nothing more."""
+    if path is not None:
+        with open(path, "rb") as src:
+            atomic_write(path + ".prev", lambda f: shutil.copyfileobj(src, f))
+        log(f"kept the file this run replaces as {path}.prev")
+    return None
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -1924,17 +1934,6 @@ def _run(args, device, train_now, rank, world_size):
         write_report(report, args)
         log(f"wrote {args.report}")
     return 0 if report.get("sanity", {}).get("passed", True) else 1
-
-
-def keep_previous(path, log):
-    """Copy `path` (None: nothing to keep) to <path>.prev before a run first replaces it: a retraining that
-    turns out worse, or a --model-file that named the wrong file, loses no model. One generation is kept.
-    Returns None, so that the run's later saves keep nothing more."""
-    if path is not None:
-        with open(path, "rb") as src:
-            atomic_write(path + ".prev", lambda f: shutil.copyfileobj(src, f))
-        log(f"kept the file this run replaces as {path}.prev")
-    return None
 
 
 def _calibrate_cli(model, args, train_split, data_dir, device, log):
