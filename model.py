@@ -981,15 +981,23 @@ def _sgd(model, cfg):
                            lr=0.0, momentum=cfg.momentum, nesterov=True)
 
 
-def _restore(path, cfg, model, optimizer, ema, data_gen, noise_gen, run):
-    """Load a checkpoint into the run's objects, after checking that it is one and fits these settings."""
+def read_checkpoint(path):
+    """A training checkpoint, checked for the keys this version writes (RNG states stay on the CPU)."""
     if not os.path.isfile(path):
-        raise UserError(f"--resume: no checkpoint {path}; run without --resume to start")
-    ckpt = _torch_load(path, "checkpoint")      # RNG states stay on the CPU
+        raise UserError(f"no checkpoint {path}")
+    ckpt = _torch_load(path, "checkpoint")
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(CHECKPOINT_KEYS)
     if missing or not isinstance(ckpt["config"], dict):
         raise UserError(f"{path}: not a training checkpoint of this version (missing {', '.join(missing)}); "
                         f"delete it to start over")
+    return ckpt
+
+
+def _restore(path, cfg, model, optimizer, ema, data_gen, noise_gen, run):
+    """Load a checkpoint into the run's objects, after checking that it is one and fits these settings."""
+    if not os.path.isfile(path):
+        raise UserError(f"--resume: no checkpoint {path}; run without --resume to start")
+    ckpt = read_checkpoint(path)
     defaults = dataclasses.asdict(TrainConfig())
     changed = {k: (ckpt["config"].get(k, defaults[k]), v) for k, v in dataclasses.asdict(cfg).items()
                if k not in ("compile", "val_every") and ckpt["config"].get(k, defaults[k]) != v}
@@ -1021,6 +1029,31 @@ def _checkpoint(run, cfg, model, optimizer, ema, data_gen, noise_gen):
             "ema": ema.model.state_dict() if ema else None, "ema_updates": ema.updates if ema else 0,
             "rng": _rng_states(data_gen, noise_gen), "history": run.history, "elapsed": run.elapsed,
             "best": run.best, "best_state": run.best_state}
+
+
+def rescue_checkpoint(checkpoint_path, model_path, log=print):
+    """Write an unfinished run's checkpoint as a model file: the best weights its APGD checks saw (with
+    --select-from), else the weights of its last finished epoch. For a run cut off before its end, e.g. at
+    a GPU call's deadline, whose checkpoint is too large to bring back; its metadata says how far it got
+    (near the end of a one-cycle schedule the weights are close to annealed, earlier they are not)."""
+    ckpt = read_checkpoint(checkpoint_path)
+    model = build_model(ckpt["config"]["arch"])
+    best = ckpt["best"]
+    try:
+        model.load_state_dict(ckpt["best_state"] if best else ckpt["model"])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise UserError(f"{checkpoint_path}: its weights do not fit a WRN-{ckpt['config']['arch']} "
+                        f"({e.__class__.__name__})") from None
+    weights = f"{best['weights']} weights of epoch {best['epoch']}" if best else f"weights of epoch {ckpt['epoch']}"
+    info = {"complete": False, "epochs": ckpt["epoch"], "planned_epochs": ckpt["total_epochs"],
+            "config": ckpt["config"], "history": ckpt["history"], "weights": weights,
+            "rescued_from": os.path.abspath(checkpoint_path)}
+    if best:
+        info["selected"] = best
+    model.eval().save(model_path, {"training": info})
+    log(f"wrote {model_path}: the {weights} of an unfinished run ({ckpt['epoch']} of "
+        f"{ckpt['total_epochs']} epochs)")
+    return model
 
 
 def _train_epoch(run, batches, cfg, *, net, model, core, optimizer, ema, noise_gen, awp_weights, world_size,

@@ -18,8 +18,8 @@
 #   RECIPE the new recipe's model file (default /tmp/gpu-models/recipe.pth, written by recipe_train; in a later
 #          allocation carry it, e.g. as .device-extra/recipe.pth, and pass RECIPE=.device-extra/recipe.pth)
 #   BUDGET recipe_train's --time-budget in minutes (default 8.5: the call's 570 s also hold the start, the
-#          statistics pass, the test-set check and the save, and a run killed at the deadline loses its model:
-#          the checkpoint is too large to come back)
+#          statistics pass, the test-set check and the save; a run killed at the deadline while training
+#          brings back only recipe_partial.pth, from its checkpoint (bench/rescue.py), which is too large)
 #   EXTRA  flags appended to every model.py command, for a dry run on the CPU, e.g.
 #          EXTRA="--n-eval 4" or, for recipe_train, EXTRA="--arch 10-1 --n-train 1024"
 #   DATA   data folder (default .device-extra/c10; the recipe runs need the whole training split:
@@ -123,10 +123,15 @@ run)
             cmd+=("${extra_flags[@]}" --report "$out/$name.json")
         fi
         echo "== $name (at most $left s): ${cmd[*]}"
-        timeout "$left" "${cmd[@]}" 2>&1 | tee "$out/$name.log" || status=1
+        timeout -k 10 "$left" "${cmd[@]}" 2>&1 | tee "$out/$name.log" || status=1
         case "$name" in     # the models these runs wrote come back too
             adaptive_calibrate) cp /tmp/gpu-models/default_model.pth "$out/" ;;
-            recipe_train|recipe_calibrate) [ -f "$recipe_model" ] && cp "$recipe_model" "$out/recipe.pth" ;;
+            recipe_train|recipe_calibrate)
+                if [ -f "$recipe_model" ]; then
+                    cp "$recipe_model" "$out/recipe.pth"
+                elif [ -f "$recipe_model.ckpt" ]; then      # cut off while training: the checkpoint is too
+                    python3 bench/rescue.py "$recipe_model.ckpt" "$out/recipe_partial.pth" || status=1   # large
+                fi ;;
         esac
     done
     exit $status

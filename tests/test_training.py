@@ -319,6 +319,29 @@ def test_trades_runs_one_epoch(small_sets, tmp_path):
     assert not torch.equal(net.fc.weight, initial)
 
 
+def test_an_unfinished_run_without_checks_is_rescued_with_its_last_weights(small_sets, tmp_path, repo_root,
+                                                                            run_python):
+    train_set, val_set = small_sets
+    net, info = M.train(_net(), train_set, val_set, _cfg(epochs=1), device="cpu",
+                        checkpoint_path=str(tmp_path / "m.ckpt"), log=_quiet)
+    result = run_python([str(repo_root / "bench" / "rescue.py"), str(tmp_path / "m.ckpt"), str(tmp_path / "r.pth")],
+                        cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "the weights of epoch 1 of an unfinished run (1 of 1 epochs)" in result.stdout
+    loaded = M.load_model(str(tmp_path / "r.pth"))
+    training = loaded.meta["training"]
+    assert training["complete"] is False and training["epochs"] == 1 and "selected" not in training
+    assert training["history"] == info["history"] and training["config"] == info["config"]
+    assert torch.equal(loaded.fc.weight, net.fc.weight.detach().half().float())
+    # bad input: one line, exit 2
+    for args, message in [([str(tmp_path / "nope.ckpt"), str(tmp_path / "x.pth")], "nope.ckpt"),
+                          ([str(tmp_path / "r.pth"), str(tmp_path / "x.pth")], "not a training checkpoint"),
+                          ([str(tmp_path / "m.ckpt"), str(tmp_path / "m.ckpt")], "is the checkpoint itself")]:
+        result = run_python([str(repo_root / "bench" / "rescue.py"), *args], cwd=tmp_path, timeout=120)
+        assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1, \
+            result.stderr
+
+
 def test_ema_run_keeps_the_better_of_final_and_ema(small_sets, tmp_path):
     train_set, val_set = small_sets
     lines = []
@@ -360,6 +383,15 @@ def test_selection_keeps_the_best_weights_the_apgd_checks_saw(small_sets, tmp_pa
     assert info["history"][2]["val_apgd_ema"] == 30.0 and info["history"][2]["val_apgd_clean_ema"] == 55.0
     assert "keeping the ema weights of epoch 3 (validation APGD 30.00, clean 55.00, on 64 images)" in lines[-1]
     assert "ema_val" not in info                     # the PGD-10 choice between final and EMA is not made
+    # a run cut off after its last check: its checkpoint becomes a model file with the same selected weights
+    rescued = M.rescue_checkpoint(str(tmp_path / "m.ckpt"), str(tmp_path / "r.pth"), log=lines.append)
+    assert lines[-1] == f"wrote {tmp_path / 'r.pth'}: the ema weights of epoch 3 of an unfinished run (4 of 4 epochs)"
+    loaded = M.load_model(str(tmp_path / "r.pth"))
+    assert loaded.meta["training"]["selected"] == info["selected"] and loaded.meta["training"]["complete"] is False
+    _state_equal(rescued.state_dict(), checked[3])
+    params = {name for name, _ in loaded.named_parameters()}
+    for k, v in loaded.state_dict().items():        # the file's float16 weights (float32 buffers) of those
+        assert torch.equal(v, checked[3][k].half().float() if k in params else checked[3][k]), k
 
 
 def test_ddp_two_cpu_ranks_train_identical_weights(repo_root, data_dir, tmp_path, run_python):
