@@ -2062,7 +2062,8 @@ def main(argv=None):
         return 1
     except KeyboardInterrupt:
         checkpoint = args.model_file + ".ckpt" if args else None
-        hint = (f"; training keeps its last finished epoch in {checkpoint}: repeat the command with --resume"
+        hint = (f"; training keeps its last finished epoch in {checkpoint}: repeat the command with --resume "
+                f"(or make a model file of it now: python3 bench/rescue.py {checkpoint} OUT.pth)"
                 if checkpoint and os.path.exists(checkpoint) else "")
         print(f"\ninterrupted{hint}", file=sys.stderr)
         return 1
