@@ -68,6 +68,8 @@ STEADY_STEP = 5                             # training steps before timing (cudn
 SELECT_IMAGES = 512                         # validation images of each weight-selection APGD check
 SELECT_ITERS = 50                           # APGD iterations of each of its two attacks
 APGD_ITERS = 100                            # APGD iterations of the adaptive evaluation (AutoAttack's)
+APGD_CPU_SECONDS = 8.0                      # per image and APGD worst case (100 iterations) on a 2-core CPU:
+                                            # 7.7 L-inf, 10.1 L2 (results/apgd_*_cpu_test32.json)
 CPU_BATCH = 64                              # images per forward pass on the CPU in eval mode: beyond ~64
                                             # a WRN-28-4's activations outgrow malloc's heap (page faults)
 GPU_EVAL_BATCH = 512                        # default evaluation batch on CUDA
@@ -1870,6 +1872,24 @@ def model_file_lock(model_file):
             os.unlink(path)     # before the lock is released, so that no one locks a file about to vanish
 
 
+def apgd_cost_note(args):
+    """A note before APGD work (apgd-*, aa-* rows, the adaptive calibration) that would take a CPU more than
+    ten minutes: a GPU job, and the flags that make it smaller. None when it is short."""
+    def images(split):
+        size = NUM_VAL if split == "val" else 10_000
+        return min(args.n_eval or size, size)
+    rows = sum(name.startswith(("apgd-", "aa-")) for name in args.eval)
+    work = rows * images(args.split)
+    if args.calibrate and args.alpha_criterion == "adaptive":
+        work += len(set(args.alpha_grid) | {0.0}) * images("val")
+    seconds = work * APGD_CPU_SECONDS * args.apgd_iters / APGD_ITERS
+    if seconds <= 600:
+        return None
+    return (f"note: this run attacks {work:,} images with APGD (each alpha of the adaptive calibration, each "
+            f"apgd-*/aa-* row): about {_duration(seconds)} on a 2-core CPU, a GPU job; --n-eval, --alpha-grid "
+            f"and --apgd-iters make it smaller")
+
+
 def keep_previous(path, log):
     """Copy `path` (None: nothing to keep) to <path>.prev before a run first replaces it: a retraining that
     turns out worse, or a --model-file that named the wrong file, loses no model. One generation is kept.
@@ -1906,6 +1926,8 @@ def run(args):
 def _run(args, device, train_now, rank, world_size):
     data_dir = resolve_data_dir(args.data_dir)
     log = tqdm.write if rank == 0 else (lambda *a, **k: None)     # tqdm.write: lines between progress bars
+    if device.type == "cpu" and (note := apgd_cost_note(args)):
+        log(note)
     checkpoint_path = args.model_file + ".ckpt"
     train_split = (load_cifar10(data_dir, "train") if train_now or (args.calibrate and not args.reuse_statistics)
                    else None)

@@ -182,6 +182,22 @@ def test_a_new_model_file_leaves_no_prev(cli, tmp_path):
     assert "kept the file" not in out and sorted(p.name for p in tmp_path.iterdir()) == ["new.pth"]
 
 
+def test_apgd_work_that_would_take_a_cpu_hours_says_so_first(cli, tiny_copy, monkeypatch):
+    def stop(*a):
+        raise M.UserError("stopped by the test")
+
+    monkeypatch.setattr(M, "load_cifar10", stop)
+    status, out, err = cli("--model-file", tiny_copy, "--eval", "natural,apgd-linf", "--device", "cpu")
+    assert status == 2
+    assert out.startswith("note: this run attacks 10,000 images with APGD (each alpha of the adaptive calibration, "
+                          "each apgd-*/aa-* row): about 22.2 h on a 2-core CPU, a GPU job; --n-eval"), out
+    # the adaptive calibration: each alpha on the validation split; smaller runs go without a note
+    assert "attacks 3,072 images" in M.apgd_cost_note(M.parse_args(["--calibrate", "--alpha-grid", "0.1,0.2"]))
+    assert M.apgd_cost_note(M.parse_args(["--calibrate", "--alpha-criterion", "bpda"])) is None
+    assert M.apgd_cost_note(M.parse_args(["--eval", "aa-linf", "--n-eval", "64"])) is None
+    assert M.apgd_cost_note(M.parse_args(["--eval", "apgd-l2", "--n-eval", "1000", "--apgd-iters", "5"])) is None
+
+
 # ----------------------------------------------------------------------------------------------------
 # Broken inputs
 # ----------------------------------------------------------------------------------------------------
