@@ -848,6 +848,16 @@ def budget_epochs(cfg, epoch, per_epoch, spent, val_seconds, device, world_size)
     return total
 
 
+def unfinished_run(checkpoint_path):
+    """Why a run that starts over must not write `checkpoint_path`, or None: starting over would overwrite an
+    unfinished run's checkpoint after one epoch, maybe hours of training lost to a forgotten --resume."""
+    if not os.path.isfile(checkpoint_path):
+        return None
+    written = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(checkpoint_path)))
+    return (f"{checkpoint_path} holds an unfinished training run (written {written}): add --resume to continue "
+            f"it, or delete it to start over")
+
+
 def save_checkpoint(state, path):
     atomic_save(state, path)
 
@@ -876,7 +886,7 @@ def train(model, train_set, val_set, cfg, *, device, checkpoint_path, resume=Fal
     """Adversarial training of `model` (in place) on train_set = (images, labels).
 
     Writes `checkpoint_path` atomically after every epoch; resume=True continues from it and gives the
-    same result as an uninterrupted run. Returns (model to keep, info dict). Under torchrun every rank
+    same result as an uninterrupted run; without it, an existing checkpoint is a UserError, never replaced. Returns (model to keep, info dict). Under torchrun every rank
     calls this; rank 0 alone logs, validates and writes. MeanSparse is bypassed (alpha is 0 until
     calibration anyway).
     """
@@ -907,9 +917,8 @@ def _train(model, train_set, val_set, cfg, *, device, checkpoint_path, resume, l
         _restore(checkpoint_path, cfg, model, optimizer, ema, data_gen, noise_gen, run)
         if master:
             log(f"resuming {checkpoint_path} after epoch {run.epoch} of {run.total_epochs}")
-    elif master and os.path.isfile(checkpoint_path):
-        log(f"note: starting over; {checkpoint_path} (an unfinished run) will be overwritten. Ctrl-C and add "
-            f"--resume to continue it instead")
+    elif problem := unfinished_run(checkpoint_path):
+        raise UserError(problem)
 
     ddp_model = model
     if world_size > 1:
@@ -1790,11 +1799,8 @@ def check_run(args, train_now, world_size):
     checkpoint = args.model_file + ".ckpt"
     if args.resume and not os.path.isfile(checkpoint):
         raise UserError(f"--resume: no checkpoint {checkpoint}; run without --resume to start")
-    if train_now and not args.resume and os.path.isfile(checkpoint):
-        # starting over would overwrite it after one epoch: maybe hours of training, lost to a forgotten flag
-        written = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(checkpoint)))
-        raise UserError(f"{checkpoint} holds an unfinished training run (written {written}): add --resume to "
-                        f"continue it, or delete it to start over")
+    if train_now and not args.resume and (problem := unfinished_run(checkpoint)):
+        raise UserError(problem)        # train() would say so too, but only after loading the data
     if train_now and args.alpha and not args.calibrate:
         raise UserError("--alpha needs MeanSparse statistics, which a newly trained model gets only with "
                         "--calibrate")

@@ -269,6 +269,16 @@ def test_resume_with_other_settings_or_no_checkpoint_is_a_user_error(small_sets,
     assert "lr" in str(info.value) and str(ckpt) in str(info.value)
 
 
+def test_train_without_resume_never_replaces_an_unfinished_run(small_sets, tmp_path):
+    # the library path refuses as the CLI does: the checkpoint may hold hours of training
+    train_set, val_set = small_sets
+    ckpt = tmp_path / "a.ckpt"
+    ckpt.write_bytes(b"an unfinished run")
+    with pytest.raises(M.UserError, match="holds an unfinished training run .*add --resume"):
+        M.train(_net(), train_set, val_set, _cfg(epochs=1), device="cpu", checkpoint_path=str(ckpt), log=_quiet)
+    assert ckpt.read_bytes() == b"an unfinished run"
+
+
 def test_too_few_images_for_one_batch_is_a_user_error(small_sets, tmp_path):
     train_set, val_set = small_sets
     with pytest.raises(M.UserError, match="batch"):
