@@ -1823,6 +1823,7 @@ def check_run(args, train_now, world_size):
     outputs += [("checkpoint", checkpoint)] if train_now else []
     outputs += [("backup", args.model_file + ".prev")] if writes_model and os.path.exists(args.model_file) else []
     outputs += [(flag, path) for flag, path in (("--report", args.report), ("--plot", args.plot)) if path]
+    outputs += [("backup", args.report + ".prev")] if args.report and os.path.exists(args.report) else []
     for i, (flag, path) in enumerate(outputs):
         _check_writable(flag, path)
         for other_flag, other in outputs[:i] + ([] if writes_model else [("--model-file", args.model_file)]):
@@ -1898,7 +1899,8 @@ def apgd_cost_note(args):
 
 def keep_previous(path, log):
     """Copy `path` (None: nothing to keep) to <path>.prev before a run first replaces it: a retraining that
-    turns out worse, or a --model-file that named the wrong file, loses no model. One generation is kept.
+    turns out worse, or a --model-file or --report that named the wrong file, loses nothing. One generation
+    is kept.
     Returns None, so that the run's later saves keep nothing more."""
     if path is not None:
         with open(path, "rb") as src:
@@ -1992,7 +1994,7 @@ def _run(args, device, train_now, rank, world_size):
         plot_report(report, args.plot, f"{model.arch_name}, alpha {report['alpha']:g}, n={report['n']}")
         log(f"wrote {args.plot}")
     if args.report:
-        write_report(report, args)
+        write_report(report, args, log)
         log(f"wrote {args.report}")
     return 0 if report.get("sanity", {}).get("passed", True) else 1
 
@@ -2063,7 +2065,7 @@ def _evaluate_cli(model, args, data_dir, device, log):
             log(f"\n{name:14s} {report['results'][name]['accuracy_so_far']:6.2f} %  on the first "
                 f"{finished['images']} of {len(labels)} images (interrupted)")
         if args.report:
-            write_report(report, args)
+            write_report(report, args, log)
             print(f"\ninterrupted: the rows finished so far are in {args.report}, marked incomplete",
                   file=sys.stderr)
         raise
@@ -2071,8 +2073,11 @@ def _evaluate_cli(model, args, data_dir, device, log):
     return report
 
 
-def write_report(report, args):
+def write_report(report, args, log):
+    """Write --report; an existing one (maybe hours of APGD, maybe complete where this run was interrupted)
+    is kept as <report>.prev first."""
     report = {**report, "model_sha256": file_sha256(args.model_file)}
+    keep_previous(args.report if os.path.isfile(args.report) else None, log)
     atomic_write(args.report, lambda f: f.write(json.dumps(report, indent=2).encode()))
 
 

@@ -262,6 +262,19 @@ def test_ctrl_c_during_evaluation_keeps_the_finished_rows(cli, tiny_copy, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth", "r.json"]
 
 
+def test_a_replaced_report_is_kept_as_prev(cli, tiny_copy, tmp_path, monkeypatch):
+    # an eval run repeated with the same --report, and interrupted at that, must not cost the complete one
+    report = tmp_path / "r.json"
+    assert cli("--model-file", tiny_copy, "--eval", "natural", "--n-eval", "8", "--report", report)[0] == 0
+    complete = report.read_bytes()
+    monkeypatch.setattr(M, "run_attack", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    status, out, err = cli("--model-file", tiny_copy, "--eval", "natural", "--n-eval", "8", "--report", report)
+    assert status == 1 and f"kept the file this run replaces as {report}.prev" in out, out
+    assert (tmp_path / "r.json.prev").read_bytes() == complete
+    assert json.loads(report.read_text())["complete"] is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth", "r.json", "r.json.prev"]
+
+
 def test_an_interrupted_apgd_row_keeps_its_finished_batches(cli, tiny_copy, tmp_path, monkeypatch):
     # a GPU run stopped at its deadline keeps the worst case of the images it finished
     first = tmp_path / "first4.json"
