@@ -886,9 +886,9 @@ def train(model, train_set, val_set, cfg, *, device, checkpoint_path, resume=Fal
     """Adversarial training of `model` (in place) on train_set = (images, labels).
 
     Writes `checkpoint_path` atomically after every epoch; resume=True continues from it and gives the
-    same result as an uninterrupted run; without it, an existing checkpoint is a UserError, never replaced. Returns (model to keep, info dict). Under torchrun every rank
-    calls this; rank 0 alone logs, validates and writes. MeanSparse is bypassed (alpha is 0 until
-    calibration anyway).
+    same result as an uninterrupted run; without it, an existing checkpoint is a UserError, never replaced.
+    Returns (model to keep, info dict). Under torchrun every rank calls this; rank 0 alone logs, validates
+    and writes. MeanSparse is bypassed (alpha is 0 until calibration anyway).
     """
     with bypassed(model):
         return _train(model, train_set, val_set, cfg, device=device, checkpoint_path=checkpoint_path,
@@ -1900,8 +1900,7 @@ def apgd_cost_note(args):
 def keep_previous(path, log):
     """Copy `path` (None: nothing to keep) to <path>.prev before a run first replaces it: a retraining that
     turns out worse, or a --model-file or --report that named the wrong file, loses nothing. One generation
-    is kept.
-    Returns None, so that the run's later saves keep nothing more."""
+    is kept. Returns None, so that the run's later saves keep nothing more."""
     if path is not None:
         with open(path, "rb") as src:
             atomic_write(path + ".prev", lambda f: shutil.copyfileobj(src, f))
@@ -1966,7 +1965,6 @@ def _run(args, device, train_now, rank, world_size):
     model.eval().to(memory_format=torch.channels_last)     # faster convolutions on GPUs and CPUs alike
     if args.calibrate:
         meta["calibration"] = _calibrate_cli(model, args, train_split, data_dir, device, log)
-    if args.calibrate:
         previous = keep_previous(previous, log)
         model.save(args.model_file, meta)
         log(f"saved {args.model_file} (calibrated)")
