@@ -610,19 +610,22 @@ def percent(correct):
     return 100.0 * int(correct.sum()) / max(len(correct), 1)
 
 
-def apgd_robust(model, batches, components, *, norm, eps, iters, seed, verbose=True):
+def apgd_robust(model, batches, components, *, norm, eps, iters, seed, verbose=True, done=None):
     """Per image of `batches`: is it still classified correctly after every one of `components` (APGD
     attacks, see APGD_COMPONENTS)? The worst case per image, judged by the model's own forward pass (the
     mask, not BPDA). Returns (robust bool tensor, stats): stats holds the clean accuracy, each component's
     own accuracy, and for a cascaded component (APGD-T, like AutoAttack's) the images it attacked and broke;
-    it cannot change the worst case on the images others broke, and would cost up to twice as much there."""
-    robust, clean, own = [], 0, {name: 0 for name in components}
-    stats = {name: {"seconds": 0.0, "attacked": 0, "broke": 0} for name in components}
+    it cannot change the worst case on the images others broke, and would cost up to twice as much there.
+    Interrupted, it raises with the progress of the batches it finished (`finished`: per-image record and
+    counts); `done=` that progress continues it, `batches` then holding the images after those."""
+    progress = copy.deepcopy(done) if done else {
+        "per_image": "", "clean": 0,
+        "components": {name: {"correct": 0, "seconds": 0.0, "attacked": 0, "broke": 0} for name in components}}
     try:
         for x, y in tqdm(batches, desc=f"APGD {norm}", leave=False, disable=not verbose):
             with torch.no_grad():
                 alive = model(x).argmax(1) == y
-            clean += int(alive.sum())
+            clean, counts = int(alive.sum()), {}
             for name in components:
                 t0 = time.perf_counter()
                 loss, alpha = APGD_COMPONENTS[name]
@@ -633,22 +636,24 @@ def apgd_robust(model, batches, components, *, norm, eps, iters, seed, verbose=T
                                  crafted_at_alpha=alpha)
                     with torch.no_grad():
                         correct[idx] = model(x_adv).argmax(1) == y[idx]
-                stats[name]["attacked"] += len(idx)
-                stats[name]["broke"] += int((alive & ~correct).sum())
-                own[name] += int(correct.sum())
+                counts[name] = {"correct": int(correct.sum()), "attacked": len(idx),
+                                "broke": int((alive & ~correct).sum()), "seconds": time.perf_counter() - t0}
                 alive &= correct
-                stats[name]["seconds"] += time.perf_counter() - t0
-            robust.append(alive.cpu())
-    except KeyboardInterrupt as e:      # the batches finished so far travel with it (minutes of GPU time)
-        e.finished = {"images": sum(len(r) for r in robust), "robust": sum(int(r.sum()) for r in robust),
-                      "per_image": per_image_string(torch.cat(robust)) if robust else ""}
+            # a batch counts once it is finished, so that an interrupted run can continue after it
+            progress["clean"] += clean
+            for name, batch_counts in counts.items():
+                for key, value in batch_counts.items():
+                    progress["components"][name][key] += value
+            progress["per_image"] += per_image_string(alive.cpu())
+    except KeyboardInterrupt as e:      # minutes of GPU time, or hours of CPU time: they travel with it
+        e.finished = progress
         raise
-    robust = torch.cat(robust) if robust else torch.zeros(0, dtype=torch.bool)
+    robust = torch.tensor([c == "1" for c in progress["per_image"]], dtype=torch.bool)
     n = max(len(robust), 1)
-    stats = {"clean": 100.0 * clean / n,
-             **{name: {"accuracy": None if name in CASCADED else 100.0 * own[name] / n,
-                       **{k: round(v, 2) if k == "seconds" else v for k, v in stats[name].items()}}
-                for name in components}}
+    stats = {"clean": 100.0 * progress["clean"] / n,
+             **{name: {"accuracy": None if name in CASCADED else 100.0 * c["correct"] / n,
+                       "seconds": round(c["seconds"], 2), "attacked": c["attacked"], "broke": c["broke"]}
+                for name, c in progress["components"].items()}}
     return robust, stats
 
 
@@ -1265,19 +1270,61 @@ def adaptive_components(alpha):
     return tuple(c for c in ADAPTIVE if alpha > 0 or c != "apgd-ce-transfer")
 
 
+def weights_fingerprint(model):
+    """sha256 of every parameter and buffer of `model` but the MeanSparse thresholds (alpha): the same
+    weights and statistics give the same fingerprint, whatever the memory layout."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if not name.endswith(".alpha"):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_sweep_progress(path, key, log):
+    """The alphas an interrupted calibration finished, from `path`, if it was made with `key` (the same
+    weights, statistics, images and settings); else a fresh record."""
+    fresh = {"key": key, "alphas": {}}
+    if not path or not os.path.isfile(path):
+        return fresh
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict) or saved.get("key") != key or not isinstance(saved.get("alphas"), dict):
+        log(f"note: {path} is of another calibration (other weights, statistics, images or settings); "
+            f"starting afresh")
+        return fresh
+    log(f"continuing the calibration in {path}: alphas {', '.join(saved['alphas']) or 'none'} already done")
+    return saved
+
+
 def calibrate(model, train_batches, val_batches, alphas, *, steps, eps=EPS_LINF, criterion="adaptive",
-              apgd_iters=APGD_ITERS, seed=0, log=print):
+              apgd_iters=APGD_ITERS, seed=0, log=print, progress_path=None):
     """Collect MeanSparse statistics on train_batches (None: keep the model's), sweep alphas (0 always
     among them) on val_batches: clean, plain PGD and BPDA PGD accuracy (L-inf), and with the adaptive
     criterion the APGD worst case with its paired gain over alpha 0. Sets the chosen alpha; returns
-    (alpha, sweep rows)."""
+    (alpha, sweep rows). `progress_path`: a JSON file that keeps each finished alpha (on a CPU, hours of
+    APGD each): a later call on the same weights, statistics, images and settings takes them over."""
     if train_batches is not None:
         collect_statistics(model, train_batches)
     model.eval()
+    key = {"weights": weights_fingerprint(model), "criterion": criterion, "steps": steps, "eps": eps,
+           "apgd_iters": apgd_iters, "seed": seed, "n_val": len(val_batches.labels),
+           "batch_size": val_batches.batch_size, "device": val_batches.images.device.type}
+    progress = read_sweep_progress(progress_path, key, log)
     sweep, base = [], None
     for alpha in sorted(set(alphas) | {0.0}):
         set_alpha(model, alpha)
-        gen = torch.Generator(val_batches.images.device)
+        if f"{alpha:g}" in progress["alphas"]:
+            kept = progress["alphas"][f"{alpha:g}"]
+            row, robust = dict(kept["row"]), torch.tensor([c == "1" for c in kept["robust"]], dtype=torch.bool)
+            base = robust if alpha == 0 else base
+            sweep.append(row)
+            log(f"  alpha {alpha:5.3f}: kept from {progress_path}")
+            continue
+        gen, robust = torch.Generator(val_batches.images.device), None
         row = {"alpha": alpha, "clean": evaluate(model, val_batches, desc=f"alpha {alpha:g} clean")}
         attack = make_pgd("linf", eps, eps / 4, steps, generator=gen.manual_seed(seed))
         row["plain"] = evaluate(model, val_batches, attack, desc=f"alpha {alpha:g} PGD")
@@ -1296,6 +1343,10 @@ def calibrate(model, train_batches, val_batches, alphas, *, steps, eps=EPS_LINF,
                 line += f" ({row['gain']:+.2f} +- {row['gain_se']:.2f} against alpha 0)"
         sweep.append(row)
         log(line)
+        if progress_path:
+            robust_record = "" if robust is None else per_image_string(robust)
+            progress["alphas"][f"{alpha:g}"] = {"row": row, "robust": robust_record}
+            atomic_write(progress_path, lambda f: f.write(json.dumps(progress).encode()))
     alpha = choose_alpha(sweep, criterion)
     set_alpha(model, alpha)
     if criterion == "adaptive" and alpha == 0 and len(sweep) > 1:
@@ -1408,12 +1459,13 @@ def autoattack_accuracy(model, images, labels, *, norm, eps, batch_size, seed, d
     return percent(correct), details
 
 
-def adaptive_accuracy(model, batches, *, norm, eps, iters, seed, log=print):
+def adaptive_accuracy(model, batches, *, norm, eps, iters, seed, log=print, done=None):
     """The adaptive evaluation (`apgd-linf`, `apgd-l2`): APGD-CE and APGD-T under BPDA and APGD-CE crafted
     with MeanSparse off, an image robust only if it survives all of them. Returns (worst-case accuracy %,
-    details with the clean accuracy and each component's figures)."""
+    details with the clean accuracy and each component's figures). `done`: see `apgd_robust`."""
     components = adaptive_components(get_alpha(model))
-    robust, stats = apgd_robust(model, batches, components, norm=norm, eps=eps, iters=iters, seed=seed)
+    robust, stats = apgd_robust(model, batches, components, norm=norm, eps=eps, iters=iters, seed=seed,
+                                done=done)
     for name in components:
         c = stats[name]
         own = f"{c['accuracy']:6.2f} %" if c["accuracy"] is not None else \
@@ -1425,9 +1477,9 @@ def adaptive_accuracy(model, batches, *, norm, eps, iters, seed, log=print):
                              "per_image": per_image_string(robust)}
 
 
-def run_attack(model, name, batches, args, device):
+def run_attack(model, name, batches, args, device, done=None):
     """(accuracy %, settings) of attack `name` on `batches`; settings end with the per-image record
-    (`per_image_string`)."""
+    (`per_image_string`). `done`: an interrupted apgd-* row's progress, which `batches` continues."""
     settings = attack_settings(name, args)
     if name == "natural":
         correct = correct_per_image(model, batches, desc="natural")
@@ -1439,7 +1491,7 @@ def run_attack(model, name, batches, args, device):
         return accuracy, {**settings, **details}
     if name.startswith("apgd-"):
         accuracy, details = adaptive_accuracy(model, batches, norm=settings["norm"], eps=settings["eps"],
-                                              iters=settings["iters"], seed=args.seed)
+                                              iters=settings["iters"], seed=args.seed, done=done)
         return accuracy, {**settings, **details}
     gen = torch.Generator(device).manual_seed(args.seed)
     attack = make_pgd(settings["norm"], settings["eps"], settings["step_size"], settings["steps"],
@@ -1713,13 +1765,16 @@ def parse_args(argv=None):
                    help=f"validation images of each APGD check (default {SELECT_IMAGES})")
     g.add_argument("--val-every", type=_positive_int, default=5, metavar="EPOCHS",
                    help="epochs between validation checks (default 5)")
-    g.add_argument("--resume", action="store_true", help="continue from <model-file>.ckpt")
+    g.add_argument("--resume", action="store_true",
+                   help="with --force-train: continue training from <model-file>.ckpt; else continue the "
+                        "interrupted evaluation in --report (its finished rows kept, an APGD row continued)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     args = p.parse_args(argv)
     args.model_file_given = args.model_file is not None
     args.model_file = args.model_file or Net.model_file
     args.arch_given = args.arch is not None
     args.arch = args.arch or DEFAULT_ARCH
+    args.resume_report = None       # check_run reads it for an evaluation's --resume
     if args.num_epochs and args.time_budget:
         p.error("give -e/--num-epochs or --time-budget, not both")
     if args.ema is not None and not 0 < args.ema < 1:
@@ -1786,6 +1841,11 @@ def _check_writable(flag, path):
         raise UserError(f"{flag} {path}: cannot write in {folder} ({e.strerror})") from None
 
 
+def sweep_progress_file(model_file):
+    """Where a calibration of `model_file` keeps its finished alphas until it saves (see `calibrate`)."""
+    return model_file + ".calibration.json"
+
+
 def check_run(args, train_now, world_size):
     """Every check that needs no data and no model, before any work: a bad combination, an output path
     that cannot be written or would overwrite an input or another output, the committed model at risk.
@@ -1794,11 +1854,19 @@ def check_run(args, train_now, world_size):
     writes_model = train_now or args.calibrate
     if world_size > 1 and not args.force_train:
         raise UserError("torchrun is for training: add --force-train (evaluation runs in one process)")
-    if args.resume and not args.force_train:
-        raise UserError("--resume continues training: add --force-train")
+    if args.resume and train_now and not args.force_train:
+        raise UserError(f"--resume: {args.model_file} does not exist; to continue training add --force-train")
     checkpoint = args.model_file + ".ckpt"
-    if args.resume and not os.path.isfile(checkpoint):
+    if args.resume and args.force_train and not os.path.isfile(checkpoint):
         raise UserError(f"--resume: no checkpoint {checkpoint}; run without --resume to start")
+    if args.resume and not train_now:
+        args.resume_report = resumable_report(args)
+        if args.eval_batch_size is None:        # the same batches give the same APGD random starts
+            args.eval_batch_size = args.resume_report.get("eval_batch_size")
+        elif args.eval_batch_size != args.resume_report.get("eval_batch_size"):
+            odd.append(f"--eval-batch-size {args.eval_batch_size}: {args.report} was made with batches of "
+                       f"{args.resume_report.get('eval_batch_size')}, so a continued APGD row starts its random "
+                       f"starts from other batches than an uninterrupted run would (as strong, not the same bits)")
     if train_now and not args.resume and (problem := unfinished_run(checkpoint)):
         raise UserError(problem)        # train() would say so too, but only after loading the data
     if train_now and args.alpha and not args.calibrate:
@@ -1821,6 +1889,7 @@ def check_run(args, train_now, world_size):
                         f"which the grader and test_project.py need; pass --model-file for another architecture")
     outputs = [("--model-file", args.model_file)] if writes_model else []
     outputs += [("checkpoint", checkpoint)] if train_now else []
+    outputs += [("calibration progress", sweep_progress_file(args.model_file))] if args.calibrate else []
     outputs += [("backup", args.model_file + ".prev")] if writes_model and os.path.exists(args.model_file) else []
     outputs += [(flag, path) for flag, path in (("--report", args.report), ("--plot", args.plot)) if path]
     outputs += [("backup", args.report + ".prev")] if args.report and os.path.exists(args.report) else []
@@ -1845,6 +1914,35 @@ def check_run(args, train_now, world_size):
                    f"--force-train were given (an estimate of its length follows after the first steps); "
                    f"Ctrl-C now if the path is misspelt")
     return odd
+
+
+def resumable_report(args):
+    """The report an evaluation's --resume continues: readable, and made of the same model file, split,
+    images and seed as this run (its rows' own settings are compared row by row when they are reused)."""
+    if args.calibrate:
+        raise UserError("--resume continues training (with --force-train) or an evaluation (with --report); an "
+                        "interrupted calibration continues by itself: drop --resume")
+    if not args.report:
+        raise UserError("--resume without --force-train continues an interrupted evaluation: give its --report")
+    if not os.path.isfile(args.report):
+        raise UserError(f"--resume: no report {args.report}; run without --resume to start")
+    try:
+        with open(args.report) as f:
+            report = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--resume: cannot read {args.report} ({e})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("results"), dict):
+        raise UserError(f"--resume: {args.report} is not a report of model.py")
+    size = NUM_VAL if args.split == "val" else 10_000
+    expected = {"model file (sha256)": ("model_sha256", file_sha256(args.model_file)),
+                "--split": ("split", args.split), "number of images": ("n", min(args.n_eval or size, size)),
+                "--seed": ("seed", args.seed)}
+    for what, (key, value) in expected.items():
+        if report.get(key) != value:
+            there = report.get(key, "not recorded")
+            raise UserError(f"--resume: {args.report} was made with another {what} ({there} there, {value} here); "
+                            f"repeat its own command (in the report) with --resume, or run without --resume")
+    return report
 
 
 @contextlib.contextmanager
@@ -1967,6 +2065,8 @@ def _run(args, device, train_now, rank, world_size):
         meta["calibration"] = _calibrate_cli(model, args, train_split, data_dir, device, log)
         previous = keep_previous(previous, log)
         model.save(args.model_file, meta)
+        if os.path.exists(sweep_progress_file(args.model_file)):
+            os.unlink(sweep_progress_file(args.model_file))     # the model file now holds the sweep
         log(f"saved {args.model_file} (calibrated)")
     if args.alpha is not None:
         calibrated = meta.get("calibration", {}).get("sweep")
@@ -2015,7 +2115,8 @@ def _calibrate_cli(model, args, train_split, data_dir, device, log):
             f"{len(val_set[1])} validation images")
     alpha, sweep = calibrate(model, stats_batches, Batches(*val_set, args.eval_batch_size, device=device),
                              args.alpha_grid, steps=args.steps, eps=args.eps_linf, criterion=args.alpha_criterion,
-                             apgd_iters=args.apgd_iters, seed=args.seed, log=log)
+                             apgd_iters=args.apgd_iters, seed=args.seed, log=log,
+                             progress_path=sweep_progress_file(args.model_file))
     return {"alpha": alpha, "criterion": args.alpha_criterion, "steps": args.steps, "eps": args.eps_linf,
             "apgd_iters": args.apgd_iters if args.alpha_criterion == "adaptive" else None,
             "n_train": n_train, "n_val": len(val_set[1]), "sweep": sweep}
@@ -2023,21 +2124,43 @@ def _calibrate_cli(model, args, train_split, data_dir, device, log):
 
 def _evaluate_cli(model, args, data_dir, device, log):
     """Every attack of --eval, then --sanity and --plot's curves; returns the report. Interrupted, it writes
-    the rows finished so far into --report, marked incomplete, and re-raises."""
+    the rows finished so far into --report, marked incomplete, and re-raises. With --resume it takes over
+    the rows of that report (`args.resume_report`, checked by `check_run`) made with the same settings, and
+    continues an interrupted apgd-* row after its last finished batch."""
     images, labels = load_cifar10(data_dir, args.split)
     if args.n_eval:
         images, labels = images[:args.n_eval], labels[:args.n_eval]
     batches = Batches(images, labels, args.eval_batch_size, device=device)
     alpha = get_alpha(model)
     report = {"model_file": args.model_file, "split": args.split, "n": len(labels), "alpha": alpha,
-              "device": device_name(device), "torch": torch.__version__,
-              "command": " ".join(["./model.py"] + sys.argv[1:]), "complete": False, "results": {}}
+              "seed": args.seed, "eval_batch_size": args.eval_batch_size, "device": device_name(device),
+              "torch": torch.__version__, "command": " ".join(["./model.py"] + sys.argv[1:]), "complete": False,
+              "results": {}}
+    previous = args.resume_report
+    if previous:
+        if previous.get("alpha") != alpha:
+            raise UserError(f"--resume: {args.report} was made at alpha {previous.get('alpha')}, this run evaluates "
+                            f"at alpha {alpha:g}; give the same --alpha, or run without --resume")
+        report["resumed"] = previous.get("resumed", []) + [{"command": previous.get("command"),
+                                                            "eval_batch_size": previous.get("eval_batch_size")}]
     try:
         for name in args.eval:
-            t0 = time.perf_counter()
-            accuracy, settings = run_attack(model, name, batches, args, device)
+            t0, before, done, rest = time.perf_counter(), 0.0, None, batches
+            old = previous["results"].get(name) if previous else None
+            if old is not None and not all(old.get(k) == v for k, v in attack_settings(name, args).items()):
+                log(f"{name}: the report's row was made with other settings; measuring it again")
+                old = None
+            if old is not None and old.get("complete", True):
+                report["results"][name] = old
+                log(f"{name:14s} {old['accuracy']:6.2f} %  on {old['n']} images  (kept from {args.report})")
+                continue
+            if old is not None:         # an apgd-* row interrupted between two batches
+                done, before = {"per_image": old["per_image"], **old["progress"]}, old["seconds"]
+                rest = Batches(images[old["n_done"]:], labels[old["n_done"]:], args.eval_batch_size, device=device)
+                log(f"{name}: continuing after the first {old['n_done']} of {len(labels)} images")
+            accuracy, settings = run_attack(model, name, rest, args, device, done=done)
             report["results"][name] = {"accuracy": accuracy, "n": len(labels),
-                                       "seconds": round(time.perf_counter() - t0, 2), **settings}
+                                       "seconds": round(before + time.perf_counter() - t0, 2), **settings}
             notes = []
             if name.startswith("apgd-"):
                 notes.append("worst case")
@@ -2055,17 +2178,19 @@ def _evaluate_cli(model, args, data_dir, device, log):
             report["curves"] = robustness_curves(model, batches, args, device)
     except KeyboardInterrupt as e:
         finished = getattr(e, "finished", None)      # an APGD row stopped between its batches
-        if finished and finished["images"]:
-            report["results"][name] = {"complete": False, "n_done": finished["images"],
-                                       "accuracy_so_far": 100.0 * finished["robust"] / finished["images"],
-                                       "n": len(labels), "seconds": round(time.perf_counter() - t0, 2),
-                                       "per_image": finished["per_image"]}
+        if finished and finished["per_image"]:
+            n_done = len(finished["per_image"])
+            report["results"][name] = {"complete": False, "n_done": n_done,
+                                       "accuracy_so_far": 100.0 * finished["per_image"].count("1") / n_done,
+                                       "n": len(labels), "seconds": round(before + time.perf_counter() - t0, 2),
+                                       **attack_settings(name, args), "per_image": finished["per_image"],
+                                       "progress": {k: v for k, v in finished.items() if k != "per_image"}}
             log(f"\n{name:14s} {report['results'][name]['accuracy_so_far']:6.2f} %  on the first "
-                f"{finished['images']} of {len(labels)} images (interrupted)")
+                f"{n_done} of {len(labels)} images (interrupted)")
         if args.report:
             write_report(report, args, log)
-            print(f"\ninterrupted: the rows finished so far are in {args.report}, marked incomplete",
-                  file=sys.stderr)
+            print(f"\ninterrupted: the rows finished so far are in {args.report}, marked incomplete; repeat the "
+                  f"command with --resume to continue", file=sys.stderr)
         raise
     report["complete"] = True
     return report
@@ -2096,6 +2221,11 @@ def main(argv=None):
         hint = (f"; training keeps its last finished epoch in {checkpoint}: repeat the command with --resume "
                 f"(or make a model file of it now: python3 bench/rescue.py {checkpoint} OUT.pth)"
                 if checkpoint and os.path.exists(checkpoint) else "")
+        sweep = sweep_progress_file(args.model_file) if args and args.calibrate else None
+        if not hint and sweep and os.path.exists(sweep):
+            again = (f"run the calibration again without --force-train ({args.model_file} holds the trained model)"
+                     if args.force_train else "run the same command again")
+            hint = f"; the calibration keeps its finished alphas in {sweep}: {again} to continue"
         print(f"\ninterrupted{hint}", file=sys.stderr)
         return 1
 

@@ -20,6 +20,9 @@
 #   BUDGET recipe_train's --time-budget in minutes (default 8.5: the call's 570 s also hold the start, the
 #          statistics pass, the test-set check and the save; a run killed at the deadline while training
 #          brings back only recipe_partial.pth, from its checkpoint (bench/rescue.py), which is too large)
+#   RESUME set (RESUME=1): a model.py run whose report an earlier call brought back, and which was carried
+#          as $extra/<name>.json, continues it (--resume: finished rows kept, a cut APGD row continued);
+#          the run must read the same model file (MODEL) as the one that wrote it
 #   EXTRA  flags appended to every model.py command, for a dry run on the CPU, e.g.
 #          EXTRA="--n-eval 4" or, for recipe_train, EXTRA="--arch 10-1 --n-train 1024"
 #   DATA   data folder (default .device-extra/c10; the recipe runs need the whole training split:
@@ -121,6 +124,10 @@ run)
         if [ "${cmd[0]}" = ./model.py ]; then
             read -r -a extra_flags <<<"${EXTRA:-}"
             cmd+=("${extra_flags[@]}" --report "$out/$name.json")
+            if [ -n "${RESUME:-}" ] && [ -f "$extra/$name.json" ]; then
+                cp "$extra/$name.json" "$out/$name.json"
+                cmd+=(--resume)
+            fi
         fi
         echo "== $name (at most $left s): ${cmd[*]}"
         timeout -k 10 "$left" "${cmd[@]}" 2>&1 | tee "$out/$name.log" || status=1

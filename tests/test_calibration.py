@@ -163,3 +163,31 @@ def test_calibrate_chooses_by_the_paired_adaptive_gain(tiny_trained, train_set, 
     assert sweep[1]["gain"] == pytest.approx(100 * (len(robust_by_alpha[0.1]) - 20) / 64)
     if expected == 0.0:
         assert "MeanSparse did not help this model" in lines[-1]
+
+
+def test_calibrate_takes_over_the_alphas_an_interrupted_call_finished(tiny_trained, train_set, val_set, tmp_path,
+                                                                      monkeypatch):
+    stats = M.Batches(train_set[0][:128], train_set[1][:128], 64, device="cpu")
+    val = M.Batches(val_set[0][:32], val_set[1][:32], 32, device="cpu")
+    settings = dict(steps=1, criterion="adaptive", apgd_iters=2, eps=2 / 255, log=lambda line: None)
+    expected = M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1, 0.5], **settings)
+    progress, real, attacked = tmp_path / "sweep.json", M.apgd_robust, []
+
+    def counting(model, batches, components, **kw):
+        attacked.append(M.get_alpha(model))
+        if attacked == [0.0, 0.1] and stop:
+            raise KeyboardInterrupt
+        return real(model, batches, components, **kw)
+
+    monkeypatch.setattr(M, "apgd_robust", counting)
+    stop = True
+    with pytest.raises(KeyboardInterrupt):
+        M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1, 0.5], progress_path=str(progress), **settings)
+    stop, attacked[:] = False, []
+    again = M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1, 0.5], progress_path=str(progress), **settings)
+    assert attacked == [0.1, 0.5] and again == expected         # alpha 0 taken over, the gains as before
+    # other settings: nothing is taken over
+    attacked[:] = []
+    M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1], progress_path=str(progress),
+                **{**settings, "apgd_iters": 3})
+    assert attacked == [0.0, 0.1]

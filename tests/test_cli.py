@@ -204,9 +204,11 @@ def test_resume_without_checkpoint_exits_2(run_cli, tmp_path, tiny_model_file):
     assert _stderr_lines(result)[-1].startswith("error: --resume: no checkpoint")
     assert str(model_file) + ".ckpt" in result.stderr
     assert list(tmp_path.iterdir()) == []
-    # --resume without --force-train on an existing model is refused as well
+    # without --force-train, --resume continues an evaluation, which needs the report it continues
     result = run_cli("--resume", "--model-file", tiny_model_file)
-    assert result.returncode == 2 and "error: --resume continues training: add --force-train" in result.stderr
+    assert result.returncode == 2
+    assert "error: --resume without --force-train continues an interrupted evaluation: give its --report" \
+        in result.stderr
 
 
 def test_alpha_without_calibration_exits_2(run_cli, tiny_model_file):
@@ -237,7 +239,8 @@ def test_eval_report_on_the_committed_model(run_cli, tmp_path, committed_model_f
     for name in attacks:
         r = results[name]
         assert r["n"] == 16 and r["seconds"] >= 0
-        assert 0 <= r["accuracy"] <= 100 and (r["accuracy"] * 16 / 100) == pytest.approx(round(r["accuracy"] * 16 / 100))
+        correct = r["accuracy"] * 16 / 100
+        assert 0 <= r["accuracy"] <= 100 and correct == pytest.approx(round(correct))
         # which images survived, in split order: the accuracy is its mean, exactly
         assert len(r["per_image"]) == 16 and set(r["per_image"]) <= {"0", "1"}
         assert r["accuracy"] == 100.0 * r["per_image"].count("1") / 16

@@ -245,17 +245,18 @@ def test_missing_pyautoattack_is_one_line_before_any_work(cli, tiny_copy, monkey
 def test_ctrl_c_during_evaluation_keeps_the_finished_rows(cli, tiny_copy, tmp_path, monkeypatch):
     real = M.run_attack
 
-    def interrupt_second(model, name, batches, args, device):
+    def interrupt_second(model, name, batches, args, device, **kw):
         if name == "pgd-linf":
             raise KeyboardInterrupt
-        return real(model, name, batches, args, device)
+        return real(model, name, batches, args, device, **kw)
 
     monkeypatch.setattr(M, "run_attack", interrupt_second)
     report = tmp_path / "r.json"
     status, out, err = cli("--model-file", tiny_copy, "--eval", "natural,pgd-linf,pgd-l2", "--n-eval", "8",
                            "--report", report)
     assert status == 1
-    assert f"interrupted: the rows finished so far are in {report}, marked incomplete" in err
+    assert (f"interrupted: the rows finished so far are in {report}, marked incomplete; repeat the command with "
+            f"--resume to continue") in err
     saved = json.loads(report.read_text())
     assert saved["complete"] is False and list(saved["results"]) == ["natural"]
     assert saved["model_sha256"] == _sha256(tiny_copy)
@@ -267,7 +268,7 @@ def test_a_replaced_report_is_kept_as_prev(cli, tiny_copy, tmp_path, monkeypatch
     report = tmp_path / "r.json"
     assert cli("--model-file", tiny_copy, "--eval", "natural", "--n-eval", "8", "--report", report)[0] == 0
     complete = report.read_bytes()
-    monkeypatch.setattr(M, "run_attack", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(M, "run_attack", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     status, out, err = cli("--model-file", tiny_copy, "--eval", "natural", "--n-eval", "8", "--report", report)
     assert status == 1 and f"kept the file this run replaces as {report}.prev" in out, out
     assert (tmp_path / "r.json.prev").read_bytes() == complete
@@ -298,6 +299,123 @@ def test_an_interrupted_apgd_row_keeps_its_finished_batches(cli, tiny_copy, tmp_
     assert row["accuracy_so_far"] == json.loads(first.read_text())["results"]["natural"]["accuracy"]
     assert row["per_image"] == json.loads(first.read_text())["results"]["natural"]["per_image"]
     assert "on the first 4 of 8 images (interrupted)" in out, out
+
+
+def _without_seconds(row):
+    return {k: _without_seconds(v) if isinstance(v, dict) else v for k, v in row.items() if k != "seconds"}
+
+
+def test_resume_continues_an_interrupted_apgd_row_as_if_never_stopped(cli, tiny_copy, tmp_path, monkeypatch):
+    # hours of CPU APGD, or a GPU run cut at its deadline, continue from the last finished batch
+    argv = ["--model-file", tiny_copy, "--eval", "natural,apgd-linf", "--n-eval", "8", "--eval-batch-size", "4",
+            "--apgd-iters", "3"]
+    full, report = tmp_path / "full.json", tmp_path / "r.json"
+    assert cli(*argv, "--report", full)[0] == 0
+    real, calls = M.apgd, []
+
+    def stop_in_second_batch(model, x, y, **kw):
+        if kw["loss"] == "ce" and kw.get("crafted_at_alpha") is None:     # the first attack of each batch
+            calls.append(len(y))
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+        return real(model, x, y, **kw)
+
+    monkeypatch.setattr(M, "apgd", stop_in_second_batch)
+    status, out, err = cli(*argv, "--report", report)
+    assert status == 1 and "repeat the command with --resume to continue" in err[-2], err
+    partial = report.read_text()
+    assert json.loads(partial)["results"]["apgd-linf"]["n_done"] == 4
+    monkeypatch.setattr(M, "apgd", real)
+    status, out, err = cli(*argv, "--report", report, "--resume")
+    assert status == 0, err
+    assert f"(kept from {report})" in out and "continuing after the first 4 of 8" in out
+    resumed, uninterrupted = json.loads(report.read_text()), json.loads(full.read_text())
+    assert resumed["complete"] is True and (tmp_path / "r.json.prev").read_text() == partial
+    for row in ("natural", "apgd-linf"):
+        assert _without_seconds(resumed["results"][row]) == _without_seconds(uninterrupted["results"][row])
+    assert [r["command"] for r in resumed["resumed"]] == [json.loads(partial)["command"]]
+
+
+def test_resume_measures_again_a_row_made_with_other_settings(cli, tiny_copy, tmp_path):
+    report = tmp_path / "r.json"
+    base = ["--model-file", tiny_copy, "--eval", "natural,pgd-linf", "--n-eval", "8", "--report", report]
+    assert cli(*base, "--steps", "1")[0] == 0
+    status, out, err = cli(*base, "--steps", "2", "--resume")
+    assert status == 0 and "pgd-linf: the report's row was made with other settings; measuring it again" in out
+    assert json.loads(report.read_text())["results"]["pgd-linf"]["steps"] == 2
+
+
+def test_resume_of_an_evaluation_refuses_what_it_cannot_continue(cli, tiny_copy, tmp_path):
+    report = tmp_path / "r.json"
+    assert cli("--model-file", tiny_copy, "--eval", "natural", "--n-eval", "8", "--report", report)[0] == 0
+    made = report.read_bytes()
+    other = tmp_path / "other.pth"
+    M.WideResNet(10, 1).save(str(other))
+    cases = [
+        (["--model-file", tiny_copy, "--resume"], "give its --report"),
+        (["--model-file", tiny_copy, "--resume", "--report", tmp_path / "none.json"], "no report"),
+        (["--model-file", other, "--resume", "--report", report], "was made with another model file (sha256)"),
+        (["--model-file", tiny_copy, "--resume", "--report", report, "--n-eval", "16"],
+         "was made with another number of images (8 there, 16 here)"),
+        (["--model-file", tiny_copy, "--resume", "--report", report, "--n-eval", "8", "--split", "val"],
+         "another --split"),
+        (["--model-file", tiny_copy, "--resume", "--report", report, "--n-eval", "8", "--calibrate"],
+         "an interrupted calibration continues by itself"),
+        (["--model-file", tmp_path / "missing.pth", "--resume", "--report", report], "does not exist"),
+    ]
+    for argv, fragment in cases:
+        _one_error(*cli(*argv)[::2], fragment)
+    (tmp_path / "bad.json").write_text("{not json")
+    _one_error(*cli("--model-file", tiny_copy, "--resume", "--report", tmp_path / "bad.json")[::2], "cannot read")
+    assert report.read_bytes() == made
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "m.pth", "other.pth", "r.json"]
+
+
+def test_an_interrupted_calibration_continues_from_its_finished_alphas(cli, tiny_copy, tmp_path, monkeypatch):
+    argv = ["--model-file", tiny_copy, "--calibrate", "--alpha-grid", "0,0.1", "--alpha-criterion", "bpda",
+            "--steps", "1", "--n-train", "128", "--n-eval", "16"]
+    before, progress = _sha256(tiny_copy), tmp_path / "m.pth.calibration.json"
+    real_evaluate, measured, stop = M.evaluate, [], [True]
+
+    def stop_at_alpha_01(model, batches, attack=None, desc="natural", verbose=True):
+        measured.append(desc)
+        if desc.startswith("alpha 0.1") and stop[0]:
+            raise KeyboardInterrupt
+        return real_evaluate(model, batches, attack, desc=desc, verbose=verbose)
+
+    monkeypatch.setattr(M, "evaluate", stop_at_alpha_01)
+    status, out, err = cli(*argv)
+    assert status == 1 and _sha256(tiny_copy) == before
+    assert err[-1] == (f"interrupted; the calibration keeps its finished alphas in {progress}: run the same command "
+                       f"again to continue"), err
+    assert list(json.loads(progress.read_text())["alphas"]) == ["0"]
+    measured.clear()
+    stop[0] = False
+    status, out, err = cli(*argv)
+    assert status == 0, err
+    assert f"alpha 0.000: kept from {progress}" in out
+    assert not any(desc.startswith("alpha 0 ") for desc in measured) and "alpha 0.1 clean" in measured
+    assert not progress.exists()
+    sweep = M.load_model(str(tiny_copy)).meta["calibration"]["sweep"]
+    assert [row["alpha"] for row in sweep] == [0.0, 0.1]
+
+
+def test_a_calibration_interrupted_after_training_says_to_rerun_it_without_force_train(cli, tmp_path, monkeypatch):
+    real_evaluate = M.evaluate
+
+    def stop_at_alpha_01(model, batches, attack=None, desc="natural", verbose=True):
+        if desc.startswith("alpha 0.1"):
+            raise KeyboardInterrupt
+        return real_evaluate(model, batches, attack, desc=desc, verbose=verbose)
+
+    monkeypatch.setattr(M, "evaluate", stop_at_alpha_01)
+    model_file = tmp_path / "new.pth"
+    status, out, err = cli(*TINY_TRAIN, "--model-file", model_file, "--calibrate", "--alpha-grid", "0,0.1",
+                           "--alpha-criterion", "bpda", "--steps", "1", "--n-eval", "8")
+    assert status == 1 and err[-1] == (f"interrupted; the calibration keeps its finished alphas in {model_file}"
+                                       f".calibration.json: run the calibration again without --force-train "
+                                       f"({model_file} holds the trained model) to continue"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.pth", "new.pth.calibration.json"]
 
 
 def test_ctrl_c_after_training_keeps_the_trained_model(cli, tmp_path, monkeypatch):

@@ -239,7 +239,8 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(small_sets, tmp
                             resume=True, log=lines.append)
     assert any("resuming" in line and "after epoch 2 of 3" in line for line in lines)
     _state_equal(resumed.state_dict(), reference.state_dict())
-    untimed = lambda history: [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s", "val_seconds")} for r in history]
+    timing = ("seconds", "images_per_s", "val_seconds")
+    untimed = lambda history: [{k: v for k, v in r.items() if k not in timing} for r in history]
     assert untimed(info["history"]) == untimed(ref_info["history"])      # losses and every validation figure
     assert info["selected"] == ref_info["selected"] and info["weights"] == ref_info["weights"]
     assert info["epochs"] == 3
