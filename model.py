@@ -1841,6 +1841,12 @@ def _check_writable(flag, path):
         raise UserError(f"{flag} {path}: cannot write in {folder} ({e.strerror})") from None
 
 
+def images_of(split, n_eval=None):
+    """How many images an evaluation of `split` with --n-eval `n_eval` (None: all) attacks."""
+    size = NUM_VAL if split == "val" else 10_000
+    return min(n_eval or size, size)
+
+
 def sweep_progress_file(model_file):
     """Where a calibration of `model_file` keeps its finished alphas until it saves (see `calibrate`)."""
     return model_file + ".calibration.json"
@@ -1902,10 +1908,9 @@ def check_run(args, train_now, world_size):
     if args.steps == 0 and (args.calibrate or args.sanity or args.plot or
                             any(a.split("-")[0] in ("pgd", "bpda", "transfer") for a in args.eval)):
         odd.append("--steps 0: PGD makes no step, so the PGD rows measure the random start only")
-    split_size = NUM_VAL if args.split == "val" else 10_000
-    if args.n_eval and args.n_eval > split_size:
-        odd.append(f"--n-eval {args.n_eval}: the {args.split} split has {split_size:,} images; using all of "
-                   f"them")
+    if args.n_eval and args.n_eval > images_of(args.split):
+        odd.append(f"--n-eval {args.n_eval}: the {args.split} split has {images_of(args.split):,} images; using "
+                   f"all of them")
     if args.arch_given and not train_now:
         odd.append(f"--arch {args.arch} is ignored: this run does not train, and {args.model_file} brings its "
                    f"own architecture")
@@ -1933,9 +1938,8 @@ def resumable_report(args):
         raise UserError(f"--resume: cannot read {args.report} ({e})") from None
     if not isinstance(report, dict) or not isinstance(report.get("results"), dict):
         raise UserError(f"--resume: {args.report} is not a report of model.py")
-    size = NUM_VAL if args.split == "val" else 10_000
     expected = {"model file (sha256)": ("model_sha256", file_sha256(args.model_file)),
-                "--split": ("split", args.split), "number of images": ("n", min(args.n_eval or size, size)),
+                "--split": ("split", args.split), "number of images": ("n", images_of(args.split, args.n_eval)),
                 "--seed": ("seed", args.seed)}
     for what, (key, value) in expected.items():
         if report.get(key) != value:
@@ -1980,13 +1984,10 @@ def model_file_lock(model_file):
 def apgd_cost_note(args):
     """A note before APGD work (apgd-*, aa-* rows, the adaptive calibration) that would take a CPU more than
     ten minutes: a GPU job, and the flags that make it smaller. None when it is short."""
-    def images(split):
-        size = NUM_VAL if split == "val" else 10_000
-        return min(args.n_eval or size, size)
     rows = sum(name.startswith(("apgd-", "aa-")) for name in args.eval)
-    work = rows * images(args.split)
+    work = rows * images_of(args.split, args.n_eval)
     if args.calibrate and args.alpha_criterion == "adaptive":
-        work += len(set(args.alpha_grid) | {0.0}) * images("val")
+        work += len(set(args.alpha_grid) | {0.0}) * images_of("val", args.n_eval)
     seconds = work * APGD_CPU_SECONDS * args.apgd_iters / APGD_ITERS
     if seconds <= 600:
         return None
