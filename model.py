@@ -648,7 +648,7 @@ def apgd_robust(model, batches, components, *, norm, eps, iters, seed, verbose=T
     except KeyboardInterrupt as e:      # minutes of GPU time, or hours of CPU time: they travel with it
         e.finished = progress
         raise
-    robust = torch.tensor([c == "1" for c in progress["per_image"]], dtype=torch.bool)
+    robust = per_image_bools(progress["per_image"])
     n = max(len(robust), 1)
     stats = {"clean": 100.0 * progress["clean"] / n,
              **{name: {"accuracy": None if name in CASCADED else 100.0 * c["correct"] / n,
@@ -1296,8 +1296,23 @@ def read_sweep_progress(path, key, log):
         log(f"note: {path} is of another calibration (other weights, statistics, images or settings); "
             f"starting afresh")
         return fresh
-    log(f"continuing the calibration in {path}: alphas {', '.join(saved['alphas']) or 'none'} already done")
+    done = [a for a, entry in saved["alphas"].items() if "robust" in entry]
+    part = [f"{a} (APGD after {len(entry['apgd']['per_image'])} images)" for a, entry in saved["alphas"].items()
+            if "apgd" in entry]
+    log(f"continuing the calibration in {path}: alphas done: {', '.join(done) or 'none'}"
+        + (f"; part way: {', '.join(part)}" if part else ""))
     return saved
+
+
+def _pgd_sweep_row(model, val_batches, alpha, *, steps, eps, seed):
+    """One alpha's clean, plain PGD and BPDA PGD accuracy (L-inf) on the validation batches."""
+    gen = torch.Generator(val_batches.images.device)
+    row = {"alpha": alpha, "clean": evaluate(model, val_batches, desc=f"alpha {alpha:g} clean")}
+    attack = make_pgd("linf", eps, eps / 4, steps, generator=gen.manual_seed(seed))
+    row["plain"] = evaluate(model, val_batches, attack, desc=f"alpha {alpha:g} PGD")
+    attack = make_pgd("linf", eps, eps / 4, steps, generator=gen.manual_seed(seed), use_bpda=True)
+    row["bpda"] = evaluate(model, val_batches, attack, desc=f"alpha {alpha:g} BPDA")
+    return row
 
 
 def calibrate(model, train_batches, val_batches, alphas, *, steps, eps=EPS_LINF, criterion="adaptive",
@@ -1306,7 +1321,8 @@ def calibrate(model, train_batches, val_batches, alphas, *, steps, eps=EPS_LINF,
     among them) on val_batches: clean, plain PGD and BPDA PGD accuracy (L-inf), and with the adaptive
     criterion the APGD worst case with its paired gain over alpha 0. Sets the chosen alpha; returns
     (alpha, sweep rows). `progress_path`: a JSON file that keeps each finished alpha (on a CPU, hours of
-    APGD each): a later call on the same weights, statistics, images and settings takes them over."""
+    APGD each) and the finished APGD batches of an interrupted one: a later call on the same weights,
+    statistics, images and settings takes them over."""
     if train_batches is not None:
         collect_statistics(model, train_batches)
     model.eval()
@@ -1317,24 +1333,35 @@ def calibrate(model, train_batches, val_batches, alphas, *, steps, eps=EPS_LINF,
     sweep, base = [], None
     for alpha in sorted(set(alphas) | {0.0}):
         set_alpha(model, alpha)
-        if f"{alpha:g}" in progress["alphas"]:
-            kept = progress["alphas"][f"{alpha:g}"]
-            row, robust = dict(kept["row"]), torch.tensor([c == "1" for c in kept["robust"]], dtype=torch.bool)
+        entry = progress["alphas"].get(f"{alpha:g}", {})
+        if "robust" in entry:       # finished by an earlier call
+            row, robust = dict(entry["row"]), per_image_bools(entry["robust"])
             base = robust if alpha == 0 else base
             sweep.append(row)
             log(f"  alpha {alpha:5.3f}: kept from {progress_path}")
             continue
-        gen, robust = torch.Generator(val_batches.images.device), None
-        row = {"alpha": alpha, "clean": evaluate(model, val_batches, desc=f"alpha {alpha:g} clean")}
-        attack = make_pgd("linf", eps, eps / 4, steps, generator=gen.manual_seed(seed))
-        row["plain"] = evaluate(model, val_batches, attack, desc=f"alpha {alpha:g} PGD")
-        attack = make_pgd("linf", eps, eps / 4, steps, generator=gen.manual_seed(seed), use_bpda=True)
-        row["bpda"] = evaluate(model, val_batches, attack, desc=f"alpha {alpha:g} BPDA")
+        # an earlier call stopped in this alpha's APGD: its PGD row and finished APGD batches are kept
+        row = dict(entry["row"]) if entry else _pgd_sweep_row(model, val_batches, alpha, steps=steps, eps=eps,
+                                                              seed=seed)
         line = (f"  alpha {alpha:5.3f}: clean {row['clean']:6.2f}  PGD-{steps} {row['plain']:6.2f}  "
                 f"BPDA PGD-{steps} {row['bpda']:6.2f}")
+        robust = None
         if criterion == "adaptive":
-            robust, _ = apgd_robust(model, val_batches, adaptive_components(alpha), norm="linf", eps=eps,
-                                    iters=apgd_iters, seed=seed)
+            done = entry.get("apgd")
+            rest = val_batches
+            if done:
+                k = len(done["per_image"])
+                rest = Batches(val_batches.images[k:], val_batches.labels[k:], val_batches.batch_size,
+                               device=val_batches.images.device)
+                log(f"  alpha {alpha:5.3f}: PGD row kept from {progress_path}, APGD continues after {k} images")
+            try:
+                robust, _ = apgd_robust(model, rest, adaptive_components(alpha), norm="linf", eps=eps,
+                                        iters=apgd_iters, seed=seed, done=done)
+            except KeyboardInterrupt as e:
+                if progress_path and getattr(e, "finished", None):
+                    progress["alphas"][f"{alpha:g}"] = {"row": row, "apgd": e.finished}
+                    atomic_write(progress_path, lambda f: f.write(json.dumps(progress).encode()))
+                raise
             base = robust if alpha == 0 else base
             row["adaptive"] = percent(robust)
             row["gain"], row["gain_se"] = paired_gain(robust, base)
@@ -1392,6 +1419,11 @@ def correct_per_image(model, batches, attack=None, desc="natural", verbose=True)
 def evaluate(model, batches, attack=None, desc="natural", verbose=True):
     """Accuracy (%) of `model` on `batches`, after `attack` (callable(model, x, y) -> x_adv) if given."""
     return percent(correct_per_image(model, batches, attack, desc=desc, verbose=verbose))
+
+
+def per_image_bools(record):
+    """The bool tensor of a `per_image_string` record."""
+    return torch.tensor([c == "1" for c in record], dtype=torch.bool)
 
 
 def per_image_string(correct):
@@ -2226,7 +2258,7 @@ def main(argv=None):
         if not hint and sweep and os.path.exists(sweep):
             again = (f"run the calibration again without --force-train ({args.model_file} holds the trained model)"
                      if args.force_train else "run the same command again")
-            hint = f"; the calibration keeps its finished alphas in {sweep}: {again} to continue"
+            hint = f"; the calibration keeps what it finished in {sweep}: {again} to continue"
         print(f"\ninterrupted{hint}", file=sys.stderr)
         return 1
 

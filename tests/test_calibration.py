@@ -1,5 +1,6 @@
 """MeanSparse calibration: collect_statistics, choose_alpha, calibrate."""
 import copy
+import json
 
 import pytest
 import torch
@@ -191,3 +192,33 @@ def test_calibrate_takes_over_the_alphas_an_interrupted_call_finished(tiny_train
     M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1], progress_path=str(progress),
                 **{**settings, "apgd_iters": 3})
     assert attacked == [0.0, 0.1]
+
+
+def test_calibrate_continues_an_alpha_whose_apgd_was_interrupted(tiny_trained, train_set, val_set, tmp_path,
+                                                                 monkeypatch):
+    stats = M.Batches(train_set[0][:128], train_set[1][:128], 64, device="cpu")
+    val = M.Batches(val_set[0][:32], val_set[1][:32], 16, device="cpu")     # two APGD batches per alpha
+    settings = dict(steps=1, criterion="adaptive", apgd_iters=2, eps=2 / 255)
+    expected = M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1], log=lambda line: None, **settings)
+    progress, real, batches_seen = tmp_path / "sweep.json", M.apgd, []
+
+    def stop_in_second_batch_of_alpha_01(model, x, y, **kw):
+        if kw["loss"] == "ce" and kw.get("crafted_at_alpha") is None:
+            batches_seen.append(M.get_alpha(model))
+            if batches_seen == [0.0, 0.0, 0.1, 0.1]:
+                raise KeyboardInterrupt
+        return real(model, x, y, **kw)
+
+    monkeypatch.setattr(M, "apgd", stop_in_second_batch_of_alpha_01)
+    with pytest.raises(KeyboardInterrupt):
+        M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1], progress_path=str(progress),
+                    log=lambda line: None, **settings)
+    saved = json.loads(progress.read_text())["alphas"]
+    assert "robust" in saved["0"] and len(saved["0.1"]["apgd"]["per_image"]) == 16
+    monkeypatch.setattr(M, "evaluate", lambda *a, **k: pytest.fail("the kept PGD row was measured again"))
+    lines = []
+    again = M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1], progress_path=str(progress),
+                        log=lines.append, **settings)
+    assert batches_seen == [0.0, 0.0, 0.1, 0.1, 0.1]         # only the second batch of alpha 0.1 again
+    assert again == expected
+    assert any("part way: 0.1 (APGD after 16 images)" in line for line in lines), lines

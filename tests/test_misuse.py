@@ -386,7 +386,7 @@ def test_an_interrupted_calibration_continues_from_its_finished_alphas(cli, tiny
     monkeypatch.setattr(M, "evaluate", stop_at_alpha_01)
     status, out, err = cli(*argv)
     assert status == 1 and _sha256(tiny_copy) == before
-    assert err[-1] == (f"interrupted; the calibration keeps its finished alphas in {progress}: run the same command "
+    assert err[-1] == (f"interrupted; the calibration keeps what it finished in {progress}: run the same command "
                        f"again to continue"), err
     assert list(json.loads(progress.read_text())["alphas"]) == ["0"]
     measured.clear()
@@ -412,7 +412,7 @@ def test_a_calibration_interrupted_after_training_says_to_rerun_it_without_force
     model_file = tmp_path / "new.pth"
     status, out, err = cli(*TINY_TRAIN, "--model-file", model_file, "--calibrate", "--alpha-grid", "0,0.1",
                            "--alpha-criterion", "bpda", "--steps", "1", "--n-eval", "8")
-    assert status == 1 and err[-1] == (f"interrupted; the calibration keeps its finished alphas in {model_file}"
+    assert status == 1 and err[-1] == (f"interrupted; the calibration keeps what it finished in {model_file}"
                                        f".calibration.json: run the calibration again without --force-train "
                                        f"({model_file} holds the trained model) to continue"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.pth", "new.pth.calibration.json"]
