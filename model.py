@@ -610,44 +610,42 @@ def percent(correct):
     return 100.0 * int(correct.sum()) / max(len(correct), 1)
 
 
-def apgd_robust(model, batches, components, *, norm, eps, iters, seed, verbose=True, done=None):
+def apgd_robust(model, batches, components, *, norm, eps, iters, seed, verbose=True, done=None, on_batch=None):
     """Per image of `batches`: is it still classified correctly after every one of `components` (APGD
     attacks, see APGD_COMPONENTS)? The worst case per image, judged by the model's own forward pass (the
     mask, not BPDA). Returns (robust bool tensor, stats): stats holds the clean accuracy, each component's
     own accuracy, and for a cascaded component (APGD-T, like AutoAttack's) the images it attacked and broke;
     it cannot change the worst case on the images others broke, and would cost up to twice as much there.
-    Interrupted, it raises with the progress of the batches it finished (`finished`: per-image record and
-    counts); `done=` that progress continues it, `batches` then holding the images after those."""
+    Its progress (per-image record and counts of the batches finished) goes to `on_batch` after every
+    batch; `done=` that progress continues it, `batches` then holding the images after those."""
     progress = copy.deepcopy(done) if done else {
         "per_image": "", "clean": 0,
         "components": {name: {"correct": 0, "seconds": 0.0, "attacked": 0, "broke": 0} for name in components}}
-    try:
-        for x, y in tqdm(batches, desc=f"APGD {norm}", leave=False, disable=not verbose):
-            with torch.no_grad():
-                alive = model(x).argmax(1) == y
-            clean, counts = int(alive.sum()), {}
-            for name in components:
-                t0 = time.perf_counter()
-                loss, alpha = APGD_COMPONENTS[name]
-                idx = (alive if name in CASCADED else torch.ones_like(alive)).nonzero().flatten()
-                correct = torch.zeros_like(alive)
-                if len(idx):
-                    x_adv = apgd(model, x[idx], y[idx], loss=loss, norm=norm, eps=eps, iters=iters, seed=seed,
-                                 crafted_at_alpha=alpha)
-                    with torch.no_grad():
-                        correct[idx] = model(x_adv).argmax(1) == y[idx]
-                counts[name] = {"correct": int(correct.sum()), "attacked": len(idx),
-                                "broke": int((alive & ~correct).sum()), "seconds": time.perf_counter() - t0}
-                alive &= correct
-            # a batch counts once it is finished, so that an interrupted run can continue after it
-            progress["clean"] += clean
-            for name, batch_counts in counts.items():
-                for key, value in batch_counts.items():
-                    progress["components"][name][key] += value
-            progress["per_image"] += per_image_string(alive.cpu())
-    except KeyboardInterrupt as e:      # minutes of GPU time, or hours of CPU time: they travel with it
-        e.finished = progress
-        raise
+    for x, y in tqdm(batches, desc=f"APGD {norm}", leave=False, disable=not verbose):
+        with torch.no_grad():
+            alive = model(x).argmax(1) == y
+        clean, counts = int(alive.sum()), {}
+        for name in components:
+            t0 = time.perf_counter()
+            loss, alpha = APGD_COMPONENTS[name]
+            idx = (alive if name in CASCADED else torch.ones_like(alive)).nonzero().flatten()
+            correct = torch.zeros_like(alive)
+            if len(idx):
+                x_adv = apgd(model, x[idx], y[idx], loss=loss, norm=norm, eps=eps, iters=iters, seed=seed,
+                             crafted_at_alpha=alpha)
+                with torch.no_grad():
+                    correct[idx] = model(x_adv).argmax(1) == y[idx]
+            counts[name] = {"correct": int(correct.sum()), "attacked": len(idx),
+                            "broke": int((alive & ~correct).sum()), "seconds": time.perf_counter() - t0}
+            alive &= correct
+        # a batch counts once it is finished: an interrupted run continues after the last one on_batch saw
+        progress["clean"] += clean
+        for name, batch_counts in counts.items():
+            for key, value in batch_counts.items():
+                progress["components"][name][key] += value
+        progress["per_image"] += per_image_string(alive.cpu())
+        if on_batch:
+            on_batch(copy.deepcopy(progress))   # a snapshot: the next batch goes on changing `progress`
     robust = per_image_bools(progress["per_image"])
     n = max(len(robust), 1)
     stats = {"clean": 100.0 * progress["clean"] / n,
@@ -1354,14 +1352,13 @@ def calibrate(model, train_batches, val_batches, alphas, *, steps, eps=EPS_LINF,
                 rest = Batches(val_batches.images[k:], val_batches.labels[k:], val_batches.batch_size,
                                device=val_batches.images.device)
                 log(f"  alpha {alpha:5.3f}: PGD row kept from {progress_path}, APGD continues after {k} images")
-            try:
-                robust, _ = apgd_robust(model, rest, adaptive_components(alpha), norm="linf", eps=eps,
-                                        iters=apgd_iters, seed=seed, done=done)
-            except KeyboardInterrupt as e:
-                if progress_path and getattr(e, "finished", None):
-                    progress["alphas"][f"{alpha:g}"] = {"row": row, "apgd": e.finished}
-                    atomic_write(progress_path, lambda f: f.write(json.dumps(progress).encode()))
-                raise
+
+            def keep_batches(apgd_progress):     # after every batch: even a killed run loses one batch at most
+                progress["alphas"][f"{alpha:g}"] = {"row": row, "apgd": apgd_progress}
+                atomic_write(progress_path, lambda f: f.write(json.dumps(progress).encode()))
+
+            robust, _ = apgd_robust(model, rest, adaptive_components(alpha), norm="linf", eps=eps, iters=apgd_iters,
+                                    seed=seed, done=done, on_batch=keep_batches if progress_path else None)
             base = robust if alpha == 0 else base
             row["adaptive"] = percent(robust)
             row["gain"], row["gain_se"] = paired_gain(robust, base)
@@ -1491,13 +1488,13 @@ def autoattack_accuracy(model, images, labels, *, norm, eps, batch_size, seed, d
     return percent(correct), details
 
 
-def adaptive_accuracy(model, batches, *, norm, eps, iters, seed, log=print, done=None):
+def adaptive_accuracy(model, batches, *, norm, eps, iters, seed, log=print, done=None, on_batch=None):
     """The adaptive evaluation (`apgd-linf`, `apgd-l2`): APGD-CE and APGD-T under BPDA and APGD-CE crafted
     with MeanSparse off, an image robust only if it survives all of them. Returns (worst-case accuracy %,
-    details with the clean accuracy and each component's figures). `done`: see `apgd_robust`."""
+    details with the clean accuracy and each component's figures). `done`, `on_batch`: see `apgd_robust`."""
     components = adaptive_components(get_alpha(model))
     robust, stats = apgd_robust(model, batches, components, norm=norm, eps=eps, iters=iters, seed=seed,
-                                done=done)
+                                done=done, on_batch=on_batch)
     for name in components:
         c = stats[name]
         own = f"{c['accuracy']:6.2f} %" if c["accuracy"] is not None else \
@@ -1509,9 +1506,9 @@ def adaptive_accuracy(model, batches, *, norm, eps, iters, seed, log=print, done
                              "per_image": per_image_string(robust)}
 
 
-def run_attack(model, name, batches, args, device, done=None):
+def run_attack(model, name, batches, args, device, done=None, on_batch=None):
     """(accuracy %, settings) of attack `name` on `batches`; settings end with the per-image record
-    (`per_image_string`). `done`: an interrupted apgd-* row's progress, which `batches` continues."""
+    (`per_image_string`). An apgd-* row's `done` and `on_batch`: see `apgd_robust`."""
     settings = attack_settings(name, args)
     if name == "natural":
         correct = correct_per_image(model, batches, desc="natural")
@@ -1523,7 +1520,8 @@ def run_attack(model, name, batches, args, device, done=None):
         return accuracy, {**settings, **details}
     if name.startswith("apgd-"):
         accuracy, details = adaptive_accuracy(model, batches, norm=settings["norm"], eps=settings["eps"],
-                                              iters=settings["iters"], seed=args.seed, done=done)
+                                              iters=settings["iters"], seed=args.seed, done=done,
+                                              on_batch=on_batch)
         return accuracy, {**settings, **details}
     gen = torch.Generator(device).manual_seed(args.seed)
     attack = make_pgd(settings["norm"], settings["eps"], settings["step_size"], settings["steps"],
@@ -2125,7 +2123,7 @@ def _run(args, device, train_now, rank, world_size):
         plot_report(report, args.plot, f"{model.arch_name}, alpha {report['alpha']:g}, n={report['n']}")
         log(f"wrote {args.plot}")
     if args.report:
-        write_report(report, args, log)
+        write_report(report, args)
         log(f"wrote {args.report}")
     return 0 if report.get("sanity", {}).get("passed", True) else 1
 
@@ -2176,6 +2174,11 @@ def _evaluate_cli(model, args, data_dir, device, log):
                             f"at alpha {alpha:g}; give the same --alpha, or run without --resume")
         report["resumed"] = previous.get("resumed", []) + [{"command": previous.get("command"),
                                                             "eval_batch_size": previous.get("eval_batch_size")}]
+    # the report it replaces is kept once, now; from here on the report is rewritten (marked incomplete)
+    # after every row and every APGD batch, so that even a killed run (kill -9, a lost machine) keeps them
+    keep_previous(args.report if args.report and os.path.isfile(args.report) else None, log)
+    save = (lambda: write_report(report, args)) if args.report else (lambda: None)
+    name = None
     try:
         for name in args.eval:
             t0, before, done, rest = time.perf_counter(), 0.0, None, batches
@@ -2190,10 +2193,22 @@ def _evaluate_cli(model, args, data_dir, device, log):
             if old is not None:         # an apgd-* row interrupted between two batches
                 done, before = {"per_image": old["per_image"], **old["progress"]}, old["seconds"]
                 rest = Batches(images[old["n_done"]:], labels[old["n_done"]:], args.eval_batch_size, device=device)
+                report["results"][name] = old       # until its next batch is done
                 log(f"{name}: continuing after the first {old['n_done']} of {len(labels)} images")
-            accuracy, settings = run_attack(model, name, rest, args, device, done=done)
+
+            def keep_batches(progress):
+                n_done = len(progress["per_image"])
+                report["results"][name] = {"complete": False, "n_done": n_done,
+                                           "accuracy_so_far": 100.0 * progress["per_image"].count("1") / n_done,
+                                           "n": len(labels), "seconds": round(before + time.perf_counter() - t0, 2),
+                                           **attack_settings(name, args), "per_image": progress["per_image"],
+                                           "progress": {k: v for k, v in progress.items() if k != "per_image"}}
+                save()
+
+            accuracy, settings = run_attack(model, name, rest, args, device, done=done, on_batch=keep_batches)
             report["results"][name] = {"accuracy": accuracy, "n": len(labels),
                                        "seconds": round(before + time.perf_counter() - t0, 2), **settings}
+            save()
             notes = []
             if name.startswith("apgd-"):
                 notes.append("worst case")
@@ -2209,19 +2224,13 @@ def _evaluate_cli(model, args, data_dir, device, log):
             log(f"sanity: {'PASS' if passed else 'FAIL'}")
         if args.plot:
             report["curves"] = robustness_curves(model, batches, args, device)
-    except KeyboardInterrupt as e:
-        finished = getattr(e, "finished", None)      # an APGD row stopped between its batches
-        if finished and finished["per_image"]:
-            n_done = len(finished["per_image"])
-            report["results"][name] = {"complete": False, "n_done": n_done,
-                                       "accuracy_so_far": 100.0 * finished["per_image"].count("1") / n_done,
-                                       "n": len(labels), "seconds": round(before + time.perf_counter() - t0, 2),
-                                       **attack_settings(name, args), "per_image": finished["per_image"],
-                                       "progress": {k: v for k, v in finished.items() if k != "per_image"}}
-            log(f"\n{name:14s} {report['results'][name]['accuracy_so_far']:6.2f} %  on the first "
-                f"{n_done} of {len(labels)} images (interrupted)")
+    except KeyboardInterrupt:
+        row = report["results"].get(name, {})
+        if row.get("complete") is False:        # an APGD row stopped part way: its finished batches
+            log(f"\n{name:14s} {row['accuracy_so_far']:6.2f} %  on the first {row['n_done']} of {len(labels)} "
+                f"images (interrupted)")
         if args.report:
-            write_report(report, args, log)
+            save()
             print(f"\ninterrupted: the rows finished so far are in {args.report}, marked incomplete; repeat the "
                   f"command with --resume to continue", file=sys.stderr)
         raise
@@ -2229,11 +2238,9 @@ def _evaluate_cli(model, args, data_dir, device, log):
     return report
 
 
-def write_report(report, args, log):
-    """Write --report; an existing one (maybe hours of APGD, maybe complete where this run was interrupted)
-    is kept as <report>.prev first."""
+def write_report(report, args):
+    """Write --report atomically, with the sha256 of the model file it measured."""
     report = {**report, "model_sha256": file_sha256(args.model_file)}
-    keep_previous(args.report if os.path.isfile(args.report) else None, log)
     atomic_write(args.report, lambda f: f.write(json.dumps(report, indent=2).encode()))
 
 

@@ -336,6 +336,34 @@ def test_resume_continues_an_interrupted_apgd_row_as_if_never_stopped(cli, tiny_
     assert [r["command"] for r in resumed["resumed"]] == [json.loads(partial)["command"]]
 
 
+class Killed(BaseException):
+    """Stands for kill -9 or a lost machine: no handler of model.py sees it."""
+
+
+def test_a_killed_evaluation_leaves_its_finished_rows_and_apgd_batches(cli, tiny_copy, tmp_path, monkeypatch):
+    # the report is rewritten after every row and every APGD batch, not only when Ctrl-C can be handled
+    calls = []
+
+    def no_attack_then_killed(model, x, y, *, loss, crafted_at_alpha=None, **kw):
+        if loss == "ce" and crafted_at_alpha is None:
+            calls.append(len(y))
+            if len(calls) == 2:
+                raise Killed
+        return x.clone()
+
+    monkeypatch.setattr(M, "apgd", no_attack_then_killed)
+    report = tmp_path / "r.json"
+    with pytest.raises(Killed):
+        cli("--model-file", tiny_copy, "--eval", "natural,apgd-linf", "--n-eval", "8", "--eval-batch-size", "4",
+            "--report", report)
+    saved = json.loads(report.read_text())
+    assert saved["complete"] is False and saved["model_sha256"] == _sha256(tiny_copy)
+    assert saved["results"]["natural"]["n"] == 8
+    row = saved["results"]["apgd-linf"]
+    assert row["complete"] is False and row["n_done"] == 4 and row["per_image"] == saved["results"]["natural"][
+        "per_image"][:4]
+
+
 def test_resume_measures_again_a_row_made_with_other_settings(cli, tiny_copy, tmp_path):
     report = tmp_path / "r.json"
     base = ["--model-file", tiny_copy, "--eval", "natural,pgd-linf", "--n-eval", "8", "--report", report]
