@@ -163,6 +163,11 @@ class Batches:
             return (len(self.labels) // self.world_size) // self.batch_size
         return math.ceil(len(self.labels) / self.batch_size)
 
+    def after(self, k):
+        """The same batches of the images after the first k (an interrupted evaluation continues there)."""
+        return Batches(self.images[k:], self.labels[k:], self.batch_size, device=self.images.device,
+                       channels_last=self.channels_last)
+
     def _to_float(self, images):
         x = images.float().div_(255)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -1328,6 +1333,10 @@ def calibrate(model, train_batches, val_batches, alphas, *, steps, eps=EPS_LINF,
            "apgd_iters": apgd_iters, "seed": seed, "n_val": len(val_batches.labels),
            "batch_size": val_batches.batch_size, "device": val_batches.images.device.type}
     progress = read_sweep_progress(progress_path, key, log)
+
+    def save_progress():
+        atomic_write(progress_path, lambda f: f.write(json.dumps(progress).encode()))
+
     sweep, base = [], None
     for alpha in sorted(set(alphas) | {0.0}):
         set_alpha(model, alpha)
@@ -1348,14 +1357,13 @@ def calibrate(model, train_batches, val_batches, alphas, *, steps, eps=EPS_LINF,
             done = entry.get("apgd")
             rest = val_batches
             if done:
-                k = len(done["per_image"])
-                rest = Batches(val_batches.images[k:], val_batches.labels[k:], val_batches.batch_size,
-                               device=val_batches.images.device)
-                log(f"  alpha {alpha:5.3f}: PGD row kept from {progress_path}, APGD continues after {k} images")
+                rest = val_batches.after(len(done["per_image"]))
+                log(f"  alpha {alpha:5.3f}: PGD row kept from {progress_path}, APGD continues after "
+                    f"{len(done['per_image'])} images")
 
             def keep_batches(apgd_progress):     # after every batch: even a killed run loses one batch at most
                 progress["alphas"][f"{alpha:g}"] = {"row": row, "apgd": apgd_progress}
-                atomic_write(progress_path, lambda f: f.write(json.dumps(progress).encode()))
+                save_progress()
 
             robust, _ = apgd_robust(model, rest, adaptive_components(alpha), norm="linf", eps=eps, iters=apgd_iters,
                                     seed=seed, done=done, on_batch=keep_batches if progress_path else None)
@@ -1370,7 +1378,7 @@ def calibrate(model, train_batches, val_batches, alphas, *, steps, eps=EPS_LINF,
         if progress_path:
             robust_record = "" if robust is None else per_image_string(robust)
             progress["alphas"][f"{alpha:g}"] = {"row": row, "robust": robust_record}
-            atomic_write(progress_path, lambda f: f.write(json.dumps(progress).encode()))
+            save_progress()
     alpha = choose_alpha(sweep, criterion)
     set_alpha(model, alpha)
     if criterion == "adaptive" and alpha == 0 and len(sweep) > 1:
@@ -2192,7 +2200,7 @@ def _evaluate_cli(model, args, data_dir, device, log):
                 continue
             if old is not None:         # an apgd-* row interrupted between two batches
                 done, before = {"per_image": old["per_image"], **old["progress"]}, old["seconds"]
-                rest = Batches(images[old["n_done"]:], labels[old["n_done"]:], args.eval_batch_size, device=device)
+                rest = batches.after(old["n_done"])
                 report["results"][name] = old       # until its next batch is done
                 log(f"{name}: continuing after the first {old['n_done']} of {len(labels)} images")
 
