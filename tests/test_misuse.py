@@ -307,10 +307,9 @@ def _without_seconds(row):
 
 def test_resume_continues_an_interrupted_apgd_row_as_if_never_stopped(cli, tiny_copy, tmp_path, monkeypatch):
     # hours of CPU APGD, or a GPU run cut at its deadline, continue from the last finished batch
-    argv = ["--model-file", tiny_copy, "--eval", "natural,apgd-linf", "--n-eval", "8", "--eval-batch-size", "4",
-            "--apgd-iters", "3"]
+    argv = ["--model-file", tiny_copy, "--eval", "natural,apgd-linf", "--n-eval", "8", "--apgd-iters", "3"]
     full, report = tmp_path / "full.json", tmp_path / "r.json"
-    assert cli(*argv, "--report", full)[0] == 0
+    assert cli(*argv, "--eval-batch-size", "4", "--report", full)[0] == 0
     real, calls = M.apgd, []
 
     def stop_in_second_batch(model, x, y, **kw):
@@ -321,16 +320,17 @@ def test_resume_continues_an_interrupted_apgd_row_as_if_never_stopped(cli, tiny_
         return real(model, x, y, **kw)
 
     monkeypatch.setattr(M, "apgd", stop_in_second_batch)
-    status, out, err = cli(*argv, "--report", report)
+    status, out, err = cli(*argv, "--eval-batch-size", "4", "--report", report)
     assert status == 1 and "repeat the command with --resume to continue" in err[-2], err
     partial = report.read_text()
     assert json.loads(partial)["results"]["apgd-linf"]["n_done"] == 4
     monkeypatch.setattr(M, "apgd", real)
-    status, out, err = cli(*argv, "--report", report, "--resume")
+    status, out, err = cli(*argv, "--report", report, "--resume")     # the report's batches of 4, not 64
     assert status == 0, err
     assert f"(kept from {report})" in out and "continuing after the first 4 of 8" in out
     resumed, uninterrupted = json.loads(report.read_text()), json.loads(full.read_text())
     assert resumed["complete"] is True and (tmp_path / "r.json.prev").read_text() == partial
+    assert resumed["eval_batch_size"] == 4
     for row in ("natural", "apgd-linf"):
         assert _without_seconds(resumed["results"][row]) == _without_seconds(uninterrupted["results"][row])
     assert [r["command"] for r in resumed["resumed"]] == [json.loads(partial)["command"]]
@@ -395,8 +395,12 @@ def test_resume_of_an_evaluation_refuses_what_it_cannot_continue(cli, tiny_copy,
         _one_error(*cli(*argv)[::2], fragment)
     (tmp_path / "bad.json").write_text("{not json")
     _one_error(*cli("--model-file", tiny_copy, "--resume", "--report", tmp_path / "bad.json")[::2], "cannot read")
+    other_alpha = tmp_path / "alpha.json"
+    other_alpha.write_text(json.dumps({**json.loads(made), "alpha": 0.35}))
+    _one_error(*cli("--model-file", tiny_copy, "--resume", "--report", other_alpha, "--n-eval", "8")[::2],
+               f"--resume: {other_alpha} was made at alpha 0.35, this run evaluates at alpha 0")
     assert report.read_bytes() == made
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "m.pth", "other.pth", "r.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alpha.json", "bad.json", "m.pth", "other.pth", "r.json"]
 
 
 def test_an_interrupted_calibration_continues_from_its_finished_alphas(cli, tiny_copy, tmp_path, monkeypatch):
