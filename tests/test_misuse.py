@@ -276,20 +276,26 @@ def test_a_replaced_report_is_kept_as_prev(cli, tiny_copy, tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth", "r.json", "r.json.prev"]
 
 
+def _no_attack_then_raise_in_batch_2(monkeypatch, exception):
+    """Replaces APGD by no attack at all, raising `exception` in the second batch; returns the batch sizes seen."""
+    calls = []
+
+    def fake_apgd(model, x, y, *, loss, crafted_at_alpha=None, **kw):
+        if loss == "ce" and crafted_at_alpha is None:       # the first component of each batch
+            calls.append(len(y))
+            if len(calls) == 2:
+                raise exception
+        return x.clone()
+
+    monkeypatch.setattr(M, "apgd", fake_apgd)
+    return calls
+
+
 def test_an_interrupted_apgd_row_keeps_its_finished_batches(cli, tiny_copy, tmp_path, monkeypatch):
     # a GPU run stopped at its deadline keeps the worst case of the images it finished
     first = tmp_path / "first4.json"
     assert cli("--model-file", tiny_copy, "--eval", "natural", "--n-eval", "4", "--report", first)[0] == 0
-    calls = []
-
-    def no_attack_then_stop(model, x, y, *, loss, crafted_at_alpha=None, **kw):
-        if loss == "ce" and crafted_at_alpha is None:       # the first component of each batch
-            calls.append(len(y))
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-        return x.clone()
-
-    monkeypatch.setattr(M, "apgd", no_attack_then_stop)
+    calls = _no_attack_then_raise_in_batch_2(monkeypatch, KeyboardInterrupt)
     report = tmp_path / "r.json"
     status, out, err = cli("--model-file", tiny_copy, "--eval", "apgd-linf", "--n-eval", "8",
                            "--eval-batch-size", "4", "--report", report)
@@ -342,16 +348,7 @@ class Killed(BaseException):
 
 def test_a_killed_evaluation_leaves_its_finished_rows_and_apgd_batches(cli, tiny_copy, tmp_path, monkeypatch):
     # the report is rewritten after every row and every APGD batch, not only when Ctrl-C can be handled
-    calls = []
-
-    def no_attack_then_killed(model, x, y, *, loss, crafted_at_alpha=None, **kw):
-        if loss == "ce" and crafted_at_alpha is None:
-            calls.append(len(y))
-            if len(calls) == 2:
-                raise Killed
-        return x.clone()
-
-    monkeypatch.setattr(M, "apgd", no_attack_then_killed)
+    _no_attack_then_raise_in_batch_2(monkeypatch, Killed)
     report = tmp_path / "r.json"
     with pytest.raises(Killed):
         cli("--model-file", tiny_copy, "--eval", "natural,apgd-linf", "--n-eval", "8", "--eval-batch-size", "4",
