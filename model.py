@@ -1054,7 +1054,8 @@ def rescue_checkpoint(checkpoint_path, model_path, log=print):
     """Write an unfinished run's checkpoint as a model file: the best weights its APGD checks saw (with
     --select-from), else the weights of its last finished epoch. For a run cut off before its end, e.g. at
     a GPU call's deadline, whose checkpoint is too large to bring back; its metadata says how far it got
-    (near the end of a one-cycle schedule the weights are close to annealed, earlier they are not)."""
+    (near the end of a one-cycle schedule the weights are close to annealed, earlier they are not). A file
+    already at `model_path` is kept as <model_path>.prev."""
     ckpt = read_checkpoint(checkpoint_path)
     model = build_model(ckpt["config"]["arch"])
     best = ckpt["best"]
@@ -1069,6 +1070,7 @@ def rescue_checkpoint(checkpoint_path, model_path, log=print):
             "rescued_from": os.path.abspath(checkpoint_path)}
     if best:
         info["selected"] = best
+    keep_previous(model_path if os.path.isfile(model_path) else None, log)     # a wrong name loses nothing
     model.eval().save(model_path, {"training": info})
     log(f"wrote {model_path}: the {weights} of an unfinished run ({ckpt['epoch']} of "
         f"{ckpt['total_epochs']} epochs)")
@@ -1862,6 +1864,12 @@ def _same_file(a, b):
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def is_committed_model(path):
+    """Is `path` the file Net() loads (relative to here or to this script)?"""
+    return any(_same_file(path, p) for p in
+               (Net.model_file, os.path.join(os.path.dirname(os.path.abspath(__file__)), Net.model_file)))
+
+
 def _check_writable(flag, path):
     """`path` can be written (by atomic_write, which creates missing folders): one line otherwise."""
     if os.path.isdir(path):
@@ -1926,9 +1934,7 @@ def check_run(args, train_now, world_size):
     if writes_model and args.n_train and not args.model_file_given:
         raise UserError(f"--n-train makes a smoke run: name its output with --model-file (the default, "
                         f"{args.model_file}, is the committed model)")
-    committed = any(_same_file(args.model_file, p) for p in
-                    (Net.model_file, os.path.join(os.path.dirname(os.path.abspath(__file__)), Net.model_file)))
-    if train_now and committed and parse_arch(args.arch) != parse_arch(DEFAULT_ARCH):
+    if train_now and is_committed_model(args.model_file) and parse_arch(args.arch) != parse_arch(DEFAULT_ARCH):
         raise UserError(f"--arch {args.arch}: {args.model_file} is the file Net() loads (a WRN-{DEFAULT_ARCH}), "
                         f"which the grader and test_project.py need; pass --model-file for another architecture")
     outputs = [("--model-file", args.model_file)] if writes_model else []

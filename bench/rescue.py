@@ -7,7 +7,8 @@ The model file holds the best weights the run's APGD checks saw (--select-from),
 last finished epoch, with the run's history and `"complete": false` in its metadata. A GPU call cut at its
 deadline brings this back (11 MiB) where the checkpoint (fp32 weights, momentum, EMA, best weights) is too
 large to; `bench/gpu.sh` does it after a `recipe_train` that did not finish. The checkpoint stays, so the
-run can still be resumed where it is. Calibrate the file before use: `./model.py --calibrate --model-file`.
+run can still be resumed where it is. A file already at MODEL_FILE is kept as MODEL_FILE.prev; the committed
+model (what Net() loads) is refused. Calibrate the file before use: `./model.py --calibrate --model-file`.
 Exit status: 0, or 2 for bad input.
 """
 import os
@@ -25,8 +26,12 @@ def main(argv):
     try:
         if M._same_file(checkpoint, model_file):
             raise M.UserError(f"{model_file} is the checkpoint itself: give another name")
+        if M.is_committed_model(model_file):    # Net() and the grader would load an unfinished, uncalibrated model
+            raise M.UserError(f"{model_file} is the file Net() loads: write the rescued model elsewhere, then "
+                              f"calibrate and evaluate it before it replaces the committed one")
         M._check_writable("MODEL_FILE", model_file)
-        M.rescue_checkpoint(checkpoint, model_file)
+        with M.model_file_lock(model_file):     # not while a run is writing the same file
+            M.rescue_checkpoint(checkpoint, model_file)
     except M.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

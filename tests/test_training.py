@@ -344,13 +344,30 @@ def test_an_unfinished_run_without_checks_is_rescued_with_its_last_weights(small
     assert training["complete"] is False and training["epochs"] == 1 and "selected" not in training
     assert training["history"] == info["history"] and training["config"] == info["config"]
     assert torch.equal(loaded.fc.weight, net.fc.weight.detach().half().float())
-    # bad input: one line, exit 2
+    # a file already there is kept as .prev
+    first = (tmp_path / "r.pth").read_bytes()
+    result = run_python([str(repo_root / "bench" / "rescue.py"), str(tmp_path / "m.ckpt"), str(tmp_path / "r.pth")],
+                        cwd=tmp_path, timeout=120)
+    assert result.returncode == 0 and "kept the file this run replaces as" in result.stdout, result.stderr[-2000:]
+    assert (tmp_path / "r.pth.prev").read_bytes() == first
+    # bad input: one line, exit 2, and the file named stays as it was
+    committed = repo_root / "models" / "default_model.pth"
+    committed_bytes = committed.read_bytes()
     for args, message in [([str(tmp_path / "nope.ckpt"), str(tmp_path / "x.pth")], "nope.ckpt"),
                           ([str(tmp_path / "r.pth"), str(tmp_path / "x.pth")], "not a training checkpoint"),
-                          ([str(tmp_path / "m.ckpt"), str(tmp_path / "m.ckpt")], "is the checkpoint itself")]:
+                          ([str(tmp_path / "m.ckpt"), str(tmp_path / "m.ckpt")], "is the checkpoint itself"),
+                          ([str(tmp_path / "m.ckpt"), str(committed)], "is the file Net() loads")]:
         result = run_python([str(repo_root / "bench" / "rescue.py"), *args], cwd=tmp_path, timeout=120)
         assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1, \
             result.stderr
+    assert committed.read_bytes() == committed_bytes and not (repo_root / "models" / "default_model.pth.prev").exists()
+    # not while another run writes the same file
+    rescued = (tmp_path / "r.pth").read_bytes()
+    with M.model_file_lock(str(tmp_path / "r.pth")):
+        result = run_python([str(repo_root / "bench" / "rescue.py"), str(tmp_path / "m.ckpt"),
+                             str(tmp_path / "r.pth")], cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and "is being written by another run" in result.stderr, result.stderr
+    assert (tmp_path / "r.pth").read_bytes() == rescued
 
 
 def test_ema_run_keeps_the_better_of_final_and_ema(small_sets, tmp_path):
