@@ -1921,6 +1921,8 @@ def check_run(args, train_now, world_size):
                        f"starts from other batches than an uninterrupted run would (as strong, not the same bits)")
     if train_now and not args.resume and (problem := unfinished_run(checkpoint)):
         raise UserError(problem)        # train() would say so too, but only after loading the data
+    if not (args.resume and not train_now) and (problem := unfinished_report(args.report)):
+        raise UserError(problem)
     if train_now and args.alpha and not args.calibrate:
         raise UserError("--alpha needs MeanSparse statistics, which a newly trained model gets only with "
                         "--calibrate")
@@ -1963,6 +1965,27 @@ def check_run(args, train_now, world_size):
                    f"--force-train were given (an estimate of its length follows after the first steps); "
                    f"Ctrl-C now if the path is misspelt")
     return odd
+
+
+def unfinished_report(path):
+    """Why a run must not start over the report at `path`, or None: it holds an interrupted evaluation,
+    maybe hours of APGD, which only --resume continues (a run that starts over would keep it as .prev only
+    until the next one)."""
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return None         # not a report of this tool: replaced, and kept as .prev
+    if not isinstance(report, dict) or report.get("complete") is not False or not isinstance(report.get("results"),
+                                                                                              dict):
+        return None
+    rows = [f"{name} ({row['n_done']} of {row['n']} images)" if row.get("complete") is False else name
+            for name, row in report["results"].items() if isinstance(row, dict)]
+    return (f"--report {path} holds an unfinished evaluation (finished: {', '.join(rows) or 'nothing yet'}): "
+            f"continue it with --resume (the evaluation's flags alone, without --force-train or --calibrate), "
+            f"or delete it or give another --report to start over")
 
 
 def resumable_report(args):

@@ -274,6 +274,13 @@ def test_a_replaced_report_is_kept_as_prev(cli, tiny_copy, tmp_path, monkeypatch
     assert (tmp_path / "r.json.prev").read_bytes() == complete
     assert json.loads(report.read_text())["complete"] is False
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth", "r.json", "r.json.prev"]
+    # the same command once more, without --resume, would push the complete one out of .prev and start the
+    # unfinished one over: refused, both files as they were
+    partial = report.read_bytes()
+    status, out, err = cli("--model-file", tiny_copy, "--eval", "natural", "--n-eval", "8", "--report", report)
+    _one_error(status, err, f"--report {report} holds an unfinished evaluation (finished: nothing yet): continue "
+                            f"it with --resume")
+    assert report.read_bytes() == partial and (tmp_path / "r.json.prev").read_bytes() == complete
 
 
 def _no_attack_then_raise_in_batch_2(monkeypatch, exception):
@@ -331,6 +338,11 @@ def test_resume_continues_an_interrupted_apgd_row_as_if_never_stopped(cli, tiny_
     partial = report.read_text()
     assert json.loads(partial)["results"]["apgd-linf"]["n_done"] == 4
     monkeypatch.setattr(M, "apgd", real)
+    # without --resume (a training run too) it would start over: refused, naming what it holds
+    for extra in ([], ["--force-train", "--n-train", "64", "-e", "1", "--batch-size", "32"]):
+        status, out, err = cli(*argv, "--report", report, *extra)
+        _one_error(status, err, "finished: natural, apgd-linf (4 of 8 images)")
+        assert report.read_text() == partial
     status, out, err = cli(*argv, "--report", report, "--resume")     # the report's batches of 4, not 64
     assert status == 0, err
     assert f"(kept from {report})" in out and "continuing after the first 4 of 8" in out
