@@ -1815,6 +1815,7 @@ def parse_args(argv=None):
     args.arch_given = args.arch is not None
     args.arch = args.arch or DEFAULT_ARCH
     args.resume_report = None       # check_run reads it for an evaluation's --resume
+    args.saved = None               # "trained", then "calibrated": what this run has saved (interrupt hints)
     if args.num_epochs and args.time_budget:
         p.error("give -e/--num-epochs or --time-budget, not both")
     if args.ema is not None and not 0 < args.ema < 1:
@@ -2122,6 +2123,7 @@ def _run(args, device, train_now, rank, world_size):
         # saved before calibration and evaluation: an interruption from here on keeps the trained weights
         previous = keep_previous(previous, log)
         model.save(args.model_file, meta)
+        args.saved = "trained"
         if os.path.exists(checkpoint_path):
             os.unlink(checkpoint_path)      # the model file now holds everything the checkpoint did
         log(f"saved {args.model_file}")
@@ -2133,6 +2135,7 @@ def _run(args, device, train_now, rank, world_size):
         meta["calibration"] = _calibrate_cli(model, args, train_split, data_dir, device, log)
         previous = keep_previous(previous, log)
         model.save(args.model_file, meta)
+        args.saved = "calibrated"
         if os.path.exists(sweep_progress_file(args.model_file)):
             os.unlink(sweep_progress_file(args.model_file))     # the model file now holds the sweep
         log(f"saved {args.model_file} (calibrated)")
@@ -2268,8 +2271,10 @@ def _evaluate_cli(model, args, data_dir, device, log):
                 f"images (interrupted)")
         if args.report:
             save()
-            print(f"\ninterrupted: the rows finished so far are in {args.report}, marked incomplete; repeat the "
-                  f"command with --resume to continue", file=sys.stderr)
+            again = ("continue them with --resume and the evaluation's flags alone (without --force-train or "
+                     "--calibrate)" if args.saved else "repeat the command with --resume to continue")
+            print(f"\ninterrupted: the rows finished so far are in {args.report}, marked incomplete; {again}",
+                  file=sys.stderr)
         raise
     report["complete"] = True
     return report
@@ -2303,6 +2308,11 @@ def main(argv=None):
             again = (f"run the calibration again without --force-train ({args.model_file} holds the trained model)"
                      if args.force_train else "run the same command again")
             hint = f"; the calibration keeps what it finished in {sweep}: {again} to continue"
+        elif not hint and args and args.saved:      # the same command again would redo what is saved
+            then = ("run the calibration again without --force-train" if args.saved == "trained" and args.calibrate
+                    else "evaluate it without --force-train" if args.saved == "trained"
+                    else "evaluate it without --force-train or --calibrate")
+            hint = f"; {args.model_file} holds the {args.saved} model: {then} to continue"
         print(f"\ninterrupted{hint}", file=sys.stderr)
         return 1
 

@@ -467,8 +467,33 @@ def test_ctrl_c_after_training_keeps_the_trained_model(cli, tmp_path, monkeypatc
     monkeypatch.setattr(M, "calibrate", interrupt)
     model_file = tmp_path / "new.pth"
     status, out, err = cli(*TINY_TRAIN, "--model-file", model_file, "--calibrate", "--n-eval", "8")
-    assert status == 1 and err[-1] == "interrupted", err
+    assert status == 1 and err[-1] == (f"interrupted; {model_file} holds the trained model: run the calibration "
+                                       f"again without --force-train to continue"), err   # not train it again
     assert f"saved {model_file}" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.pth"]      # the checkpoint's job is done
     meta = M.load_model(str(model_file)).meta
     assert meta["training"]["epochs"] == 1 and "calibration" not in meta
+
+
+def test_an_evaluation_interrupted_after_calibrating_says_to_resume_it_without_calibrate(cli, tiny_copy, tmp_path,
+                                                                                       monkeypatch):
+    # repeating the whole command would calibrate again (hours of APGD on a CPU), and --resume with
+    # --calibrate is refused: the hints name the command that continues
+    report = tmp_path / "r.json"
+    evaluation = ["--model-file", tiny_copy, "--eval", "natural,pgd-linf", "--n-eval", "8", "--steps", "1",
+                  "--report", report]
+    real = M.run_attack
+    monkeypatch.setattr(M, "run_attack", lambda model, name, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
+                        if name == "pgd-linf" else real(model, name, *a, **k))
+    status, out, err = cli(*evaluation, "--calibrate", "--alpha-grid", "0,0.1", "--alpha-criterion", "bpda",
+                           "--n-train", "128")
+    assert status == 1 and f"saved {tiny_copy} (calibrated)" in out
+    assert err[-2] == (f"interrupted: the rows finished so far are in {report}, marked incomplete; continue them with "
+                       f"--resume and the evaluation's flags alone (without --force-train or --calibrate)"), err
+    assert err[-1] == (f"interrupted; {tiny_copy} holds the calibrated model: evaluate it without --force-train or "
+                       f"--calibrate to continue"), err
+    monkeypatch.setattr(M, "run_attack", real)
+    status, out, err = cli(*evaluation, "--resume")
+    assert status == 0 and f"(kept from {report})" in out, err
+    resumed = json.loads(report.read_text())
+    assert resumed["complete"] is True and list(resumed["results"]) == ["natural", "pgd-linf"]
