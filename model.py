@@ -505,6 +505,15 @@ def load_model(path, device="cpu"):
     return model.load(path, payload).eval()
 
 
+def read_json(path):
+    """The JSON value in `path`, or None where it cannot be read or parsed."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def file_sha256(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -1292,11 +1301,7 @@ def read_sweep_progress(path, key, log):
     fresh = {"key": key, "alphas": {}}
     if not path or not os.path.isfile(path):
         return fresh
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        saved = None
+    saved = read_json(path)
     if not isinstance(saved, dict) or saved.get("key") != key or not isinstance(saved.get("alphas"), dict):
         log(f"note: {path} is of another calibration (other weights, statistics, images or settings); "
             f"starting afresh")
@@ -1972,15 +1977,9 @@ def unfinished_report(path):
     """Why a run must not start over the report at `path`, or None: it holds an interrupted evaluation,
     maybe hours of APGD, which only --resume continues (a run that starts over would keep it as .prev only
     until the next one)."""
-    if not path or not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            report = json.load(f)
-    except (OSError, ValueError):
-        return None         # not a report of this tool: replaced, and kept as .prev
-    if not isinstance(report, dict) or report.get("complete") is not False or not isinstance(report.get("results"),
-                                                                                              dict):
+    report = read_json(path) if path and os.path.isfile(path) else None
+    # no report, one of another tool (replaced, and kept as .prev), or a complete one: nothing to lose
+    if not (isinstance(report, dict) and report.get("complete") is False and isinstance(report.get("results"), dict)):
         return None
     rows = [f"{name} ({row['n_done']} of {row['n']} images)" if row.get("complete") is False else name
             for name, row in report["results"].items() if isinstance(row, dict)]
