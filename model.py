@@ -1303,8 +1303,12 @@ def read_sweep_progress(path, key, log):
         return fresh
     saved = read_json(path)
     if not isinstance(saved, dict) or saved.get("key") != key or not isinstance(saved.get("alphas"), dict):
-        log(f"note: {path} is of another calibration (other weights, statistics, images or settings); "
-            f"starting afresh")
+        there = saved.get("key") if isinstance(saved, dict) and isinstance(saved.get("key"), dict) else {}
+        differ = ["other weights or statistics" if k == "weights" else f"{k} {there.get(k)} there, {v} here"
+                  for k, v in key.items() if there.get(k) != v] if there else ["unreadable"]
+        log(f"note: {path} is of another calibration ({'; '.join(differ)}): starting afresh; it may hold hours "
+            f"of APGD, so it is kept as {path}.prev (repeat its settings with that name to continue it)")
+        keep_previous(path, lambda line: None)
         return fresh
     done = [a for a, entry in saved["alphas"].items() if "robust" in entry]
     part = [f"{a} (APGD after {len(entry['apgd']['per_image'])} images)" for a, entry in saved["alphas"].items()

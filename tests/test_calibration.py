@@ -187,11 +187,15 @@ def test_calibrate_takes_over_the_alphas_an_interrupted_call_finished(tiny_train
     stop, attacked[:] = False, []
     again = M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1, 0.5], progress_path=str(progress), **settings)
     assert attacked == [0.1, 0.5] and again == expected         # alpha 0 taken over, the gains as before
-    # other settings: nothing is taken over
-    attacked[:] = []
+    # other settings: nothing is taken over, and the other calibration's progress is kept as .prev
+    attacked[:], lines, first = [], [], progress.read_bytes()
     M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1], progress_path=str(progress),
-                **{**settings, "apgd_iters": 3})
+                **{**settings, "apgd_iters": 3, "log": lines.append})
     assert attacked == [0.0, 0.1]
+    assert (tmp_path / "sweep.json.prev").read_bytes() == first
+    assert lines[0] == (f"note: {progress} is of another calibration (apgd_iters 2 there, 3 here): starting afresh; "
+                        f"it may hold hours of APGD, so it is kept as {progress}.prev (repeat its settings with that "
+                        f"name to continue it)")
 
 
 class Killed(BaseException):
