@@ -1307,7 +1307,7 @@ def read_sweep_progress(path, key, log):
         differ = ["other weights or statistics" if k == "weights" else f"{k} {there.get(k)} there, {v} here"
                   for k, v in key.items() if there.get(k) != v] if there else ["unreadable"]
         log(f"note: {path} is of another calibration ({'; '.join(differ)}): starting afresh; it may hold hours "
-            f"of APGD, so it is kept as {path}.prev (repeat its settings with that name to continue it)")
+            f"of APGD, so it is kept as {path}.prev (to continue it instead, rename it back and repeat its settings)")
         keep_previous(path, lambda line: None)
         return fresh
     done = [a for a, entry in saved["alphas"].items() if "robust" in entry]

@@ -194,8 +194,8 @@ def test_calibrate_takes_over_the_alphas_an_interrupted_call_finished(tiny_train
     assert attacked == [0.0, 0.1]
     assert (tmp_path / "sweep.json.prev").read_bytes() == first
     assert lines[0] == (f"note: {progress} is of another calibration (apgd_iters 2 there, 3 here): starting afresh; "
-                        f"it may hold hours of APGD, so it is kept as {progress}.prev (repeat its settings with that "
-                        f"name to continue it)")
+                        f"it may hold hours of APGD, so it is kept as {progress}.prev (to continue it instead, rename "
+                        f"it back and repeat its settings)")
 
 
 class Killed(BaseException):
