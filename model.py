@@ -2021,15 +2021,16 @@ def resumable_report(args):
 
 
 @contextlib.contextmanager
-def model_file_lock(model_file):
-    """Holds <model-file>.lock (an fcntl lock) while this run may write the model file: a second run that
-    would write it stops at once, naming the first. No-op where fcntl does not exist (Windows)."""
+def write_lock(target, flag="--model-file"):
+    """Holds <target>.lock (an fcntl lock) while this run may write `target` (the model file, --report): a
+    second run that would write it stops at once, naming the first. No-op where fcntl does not exist
+    (Windows)."""
     try:
         import fcntl
     except ImportError:
         yield
         return
-    path = model_file + ".lock"
+    path = target + ".lock"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a+") as f:
         try:
@@ -2039,8 +2040,8 @@ def model_file_lock(model_file):
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
-            raise UserError(f"{model_file} is being written by another run ({holder}); wait for it to end "
-                            f"or give this one another --model-file") from None
+            raise UserError(f"{target} is being written by another run ({holder}); wait for it to end "
+                            f"or give this one another {flag}") from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
@@ -2095,8 +2096,11 @@ def run(args):
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     args.eval_batch_size = args.eval_batch_size or (GPU_EVAL_BATCH if device.type == "cuda" else CPU_BATCH)
-    writes_model = (train_now or args.calibrate) and rank == 0
-    with model_file_lock(args.model_file) if writes_model else contextlib.nullcontext():
+    with contextlib.ExitStack() as locks:
+        if (train_now or args.calibrate) and rank == 0:
+            locks.enter_context(write_lock(args.model_file))
+        if args.report and rank == 0:       # two runs rewriting one report after every batch would mix them
+            locks.enter_context(write_lock(args.report, "--report"))
         return _run(args, device, train_now, rank, world_size)
 
 

@@ -30,7 +30,7 @@ def main(argv):
             raise M.UserError(f"{model_file} is the file Net() loads: write the rescued model elsewhere, then "
                               f"calibrate and evaluate it before it replaces the committed one")
         M._check_writable("MODEL_FILE", model_file)
-        with M.model_file_lock(model_file):     # not while a run is writing the same file
+        with M.write_lock(model_file, "MODEL_FILE"):     # not while a run is writing the same file
             M.rescue_checkpoint(checkpoint, model_file)
     except M.UserError as e:
         print(f"error: {e}", file=sys.stderr)

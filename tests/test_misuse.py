@@ -97,14 +97,26 @@ def test_a_smoke_run_cannot_replace_the_committed_model(cli, monkeypatch):
 def test_a_second_run_writing_the_same_model_file_stops_at_once(cli, tmp_path, monkeypatch):
     monkeypatch.setattr(M, "load_cifar10", lambda *a: pytest.fail("work started before the check"))
     target = tmp_path / "x.pth"
-    with M.model_file_lock(str(target)):
+    with M.write_lock(str(target)):
         holder = (tmp_path / "x.pth.lock").read_text()
         status, _, err = cli(*TINY_TRAIN, "--model-file", target)
         _one_error(status, err, f"{target} is being written by another run (pid ")
         assert holder.split(":")[0] in err[-1]
     assert not (tmp_path / "x.pth.lock").exists()
-    with M.model_file_lock(str(target)):                       # and it can be taken again afterwards
+    with M.write_lock(str(target)):                       # and it can be taken again afterwards
         pass
+
+
+def test_a_second_run_writing_the_same_report_stops_at_once(cli, tiny_copy, tmp_path, monkeypatch):
+    # two evaluations rewriting one report after every batch would leave a mix of both
+    report = tmp_path / "r.json"
+    with M.write_lock(str(report), "--report"):
+        status, _, err = cli("--model-file", tiny_copy, "--eval", "natural", "--n-eval", "8", "--report", report)
+        _one_error(status, err, f"{report} is being written by another run (pid ")
+        assert "give this one another --report" in err[-1]
+        assert not report.exists()
+    assert cli("--model-file", tiny_copy, "--eval", "natural", "--n-eval", "8", "--report", report)[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth", "r.json"]       # no lock left behind
 
 
 # ----------------------------------------------------------------------------------------------------

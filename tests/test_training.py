@@ -363,7 +363,7 @@ def test_an_unfinished_run_without_checks_is_rescued_with_its_last_weights(small
     assert committed.read_bytes() == committed_bytes and not (repo_root / "models" / "default_model.pth.prev").exists()
     # not while another run writes the same file
     rescued = (tmp_path / "r.pth").read_bytes()
-    with M.model_file_lock(str(tmp_path / "r.pth")):
+    with M.write_lock(str(tmp_path / "r.pth")):
         result = run_python([str(repo_root / "bench" / "rescue.py"), str(tmp_path / "m.ckpt"),
                              str(tmp_path / "r.pth")], cwd=tmp_path, timeout=120)
     assert result.returncode == 2 and "is being written by another run" in result.stderr, result.stderr
