@@ -18,6 +18,7 @@ The grading platform imports this file, builds `Net()`, calls `net.load_for_test
 feeds [0,1] images (normalisation happens inside the model).
 """
 import argparse
+import base64
 import contextlib
 import copy
 import dataclasses
@@ -1420,15 +1421,18 @@ def make_pgd(norm, eps, step_size, steps, *, restarts=1, generator=None, use_bpd
     return attack
 
 
-def correct_per_image(model, batches, attack=None, desc="natural", verbose=True):
+def correct_per_image(model, batches, attack=None, desc="natural", verbose=True, after_batch=None):
     """Per image of `batches`, in order: does `model` classify it correctly, after `attack`
-    (callable(model, x, y) -> x_adv) if given? A bool tensor on the CPU."""
+    (callable(model, x, y) -> x_adv) if given? A bool tensor on the CPU. `after_batch(correct)` gets each
+    batch's outcomes as soon as the batch is done."""
     correct = []
     for x, y in tqdm(batches, desc=desc, leave=False, disable=not verbose):
         if attack is not None:
             x = attack(model, x, y)
         with torch.inference_mode():
             correct.append((model(x).argmax(1) == y).cpu())
+        if after_batch:
+            after_batch(correct[-1])
     return torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
 
 
@@ -1525,9 +1529,22 @@ def adaptive_accuracy(model, batches, *, norm, eps, iters, seed, log=print, done
                              "per_image": per_image_string(robust)}
 
 
+def generator_text(generator):
+    """A random generator's state as text (for a report), and back with `generator_from_text`."""
+    return base64.b64encode(generator.get_state().numpy().tobytes()).decode()
+
+
+def generator_from_text(generator, text):
+    generator.set_state(torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8))
+    return generator
+
+
 def run_attack(model, name, batches, args, device, done=None, on_batch=None):
     """(accuracy %, settings) of attack `name` on `batches`; settings end with the per-image record
-    (`per_image_string`). An apgd-* row's `done` and `on_batch`: see `apgd_robust`."""
+    (`per_image_string`). `on_batch(progress)` after every batch of an apgd-* or PGD row, and `done=` such
+    a progress to continue the row (`batches` then holding the images after it): see `apgd_robust`; a PGD
+    row's progress holds its random generator's state, so that its random starts go on as if never
+    stopped."""
     settings = attack_settings(name, args)
     if name == "natural":
         correct = correct_per_image(model, batches, desc="natural")
@@ -1543,11 +1560,21 @@ def run_attack(model, name, batches, args, device, done=None, on_batch=None):
                                               on_batch=on_batch)
         return accuracy, {**settings, **details}
     gen = torch.Generator(device).manual_seed(args.seed)
+    per_image = done["per_image"] if done else ""
+    if done:
+        generator_from_text(gen, done["generator"])
     attack = make_pgd(settings["norm"], settings["eps"], settings["step_size"], settings["steps"],
                       restarts=settings["restarts"], generator=gen, use_bpda=settings["bpda"],
                       craft_alpha=settings["crafted_at_alpha"])
-    correct = correct_per_image(model, batches, attack, desc=name)
-    return percent(correct), {**settings, "per_image": per_image_string(correct)}
+
+    def keep(correct):
+        nonlocal per_image
+        per_image += per_image_string(correct)
+        if on_batch:
+            on_batch({"per_image": per_image, "generator": generator_text(gen), "device": device.type})
+
+    correct_per_image(model, batches, attack, desc=name, after_batch=keep)
+    return percent(per_image_bools(per_image)), {**settings, "per_image": per_image}
 
 
 def robustness_curves(model, batches, args, device):
@@ -1816,7 +1843,7 @@ def parse_args(argv=None):
                    help="epochs between validation checks (default 5)")
     g.add_argument("--resume", action="store_true",
                    help="with --force-train: continue training from <model-file>.ckpt; else continue the "
-                        "interrupted evaluation in --report (its finished rows kept, an APGD row continued)")
+                        "interrupted evaluation in --report (its finished rows kept, an APGD or PGD row continued)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     args = p.parse_args(argv)
     args.model_file_given = args.model_file is not None
@@ -2204,7 +2231,7 @@ def _evaluate_cli(model, args, data_dir, device, log):
     """Every attack of --eval, then --sanity and --plot's curves; returns the report. Interrupted, it writes
     the rows finished so far into --report, marked incomplete, and re-raises. With --resume it takes over
     the rows of that report (`args.resume_report`, checked by `check_run`) made with the same settings, and
-    continues an interrupted apgd-* row after its last finished batch."""
+    continues an interrupted apgd-* or PGD row after its last finished batch."""
     images, labels = load_cifar10(data_dir, args.split)
     if args.n_eval:
         images, labels = images[:args.n_eval], labels[:args.n_eval]
@@ -2222,7 +2249,8 @@ def _evaluate_cli(model, args, data_dir, device, log):
         report["resumed"] = previous.get("resumed", []) + [{"command": previous.get("command"),
                                                             "eval_batch_size": previous.get("eval_batch_size")}]
     # the report it replaces is kept once, now; from here on the report is rewritten (marked incomplete)
-    # after every row and every APGD batch, so that even a killed run (kill -9, a lost machine) keeps them
+    # after every row and every batch of an APGD or PGD row, so that even a killed run (kill -9, a lost
+    # machine) keeps them
     keep_previous(args.report if args.report and os.path.isfile(args.report) else None, log)
     save = (lambda: write_report(report, args)) if args.report else (lambda: None)
     name = None
@@ -2233,11 +2261,15 @@ def _evaluate_cli(model, args, data_dir, device, log):
             if old is not None and not all(old.get(k) == v for k, v in attack_settings(name, args).items()):
                 log(f"{name}: the report's row was made with other settings; measuring it again")
                 old = None
+            if old is not None and old.get("progress", {}).get("device", device.type) != device.type:
+                log(f"{name}: the report's row was stopped on another device, whose random starts cannot go on "
+                    f"here; measuring it again")
+                old = None
             if old is not None and old.get("complete", True):
                 report["results"][name] = old
                 log(f"{name:14s} {old['accuracy']:6.2f} %  on {old['n']} images  (kept from {args.report})")
                 continue
-            if old is not None:         # an apgd-* row interrupted between two batches
+            if old is not None:         # an apgd-* or PGD row interrupted between two batches
                 done, before = {"per_image": old["per_image"], **old["progress"]}, old["seconds"]
                 rest = batches.after(old["n_done"])
                 report["results"][name] = old       # until its next batch is done
@@ -2273,7 +2305,7 @@ def _evaluate_cli(model, args, data_dir, device, log):
             report["curves"] = robustness_curves(model, batches, args, device)
     except KeyboardInterrupt:
         row = report["results"].get(name, {})
-        if row.get("complete") is False:        # an APGD row stopped part way: its finished batches
+        if row.get("complete") is False:        # an APGD or PGD row stopped part way: its finished batches
             log(f"\n{name:14s} {row['accuracy_so_far']:6.2f} %  on the first {row['n_done']} of {len(labels)} "
                 f"images (interrupted)")
         if args.report:

@@ -366,6 +366,49 @@ def test_resume_continues_an_interrupted_apgd_row_as_if_never_stopped(cli, tiny_
     assert [r["command"] for r in resumed["resumed"]] == [json.loads(partial)["command"]]
 
 
+def test_resume_continues_an_interrupted_pgd_row_with_its_random_starts(cli, tiny_copy, tmp_path, monkeypatch):
+    # a PGD row over 10,000 images is most of an hour on a CPU: it continues batch by batch too, its random
+    # generator restored from the report, so that the random starts are those of an uninterrupted run
+    argv = ["--model-file", tiny_copy, "--eval", "natural,pgd-linf,bpda-l2", "--n-eval", "12", "--steps", "2",
+            "--eval-batch-size", "4"]
+    real, states, stop = M.pgd, [], [False]
+
+    def recording(model, x, y, *, generator=None, **kw):
+        states.append(generator.get_state().clone())
+        if stop[0] and len(states) == 2:
+            raise KeyboardInterrupt
+        return real(model, x, y, generator=generator, **kw)
+
+    monkeypatch.setattr(M, "pgd", recording)
+    full, report = tmp_path / "full.json", tmp_path / "r.json"
+    assert cli(*argv, "--report", full)[0] == 0
+    uninterrupted, states[:] = list(states), []
+    stop[0] = True
+    status, out, err = cli(*argv, "--report", report)
+    assert status == 1 and "pgd-linf" in out and "on the first 4 of 12 images (interrupted)" in out, out
+    partial = json.loads(report.read_text())
+    cut = partial["results"]["pgd-linf"]
+    assert cut["n_done"] == 4 and cut["progress"]["device"] == "cpu" and "generator" in cut["progress"]
+    stop[0], states[:] = False, []
+    status, out, err = cli(*argv, "--report", report, "--resume")
+    assert status == 0 and "pgd-linf: continuing after the first 4 of 12 images" in out, err
+    # batch 2 of pgd-linf started from the generator state an uninterrupted run had there, and so did the rest
+    assert len(states) == len(uninterrupted) - 1
+    assert all(torch.equal(a, b) for a, b in zip(states, uninterrupted[1:]))
+    resumed, expected = json.loads(report.read_text()), json.loads(full.read_text())
+    for row in ("natural", "pgd-linf", "bpda-l2"):
+        assert _without_seconds(resumed["results"][row]) == _without_seconds(expected["results"][row])
+    # a row stopped on another device (whose generator differs) is measured again, from its first image
+    cut["progress"]["device"] = "cuda"
+    report.write_text(json.dumps(partial))
+    states[:] = []
+    status, out, err = cli(*argv, "--report", report, "--resume")
+    assert status == 0 and "pgd-linf: the report's row was stopped on another device" in out, err
+    assert len(states) == len(uninterrupted) and torch.equal(states[0], uninterrupted[0])
+    assert _without_seconds(json.loads(report.read_text())["results"]["pgd-linf"]) == \
+        _without_seconds(expected["results"]["pgd-linf"])
+
+
 class Killed(BaseException):
     """Stands for kill -9 or a lost machine: no handler of model.py sees it."""
 
