@@ -1312,8 +1312,8 @@ def read_sweep_progress(path, key, log):
         keep_previous(path, lambda line: None)
         return fresh
     done = [a for a, entry in saved["alphas"].items() if "robust" in entry]
-    part = [f"{a} (APGD after {len(entry['apgd']['per_image'])} images)" for a, entry in saved["alphas"].items()
-            if "apgd" in entry]
+    part = [f"{a} (APGD after {len(entry['apgd']['per_image'])} images)" if "apgd" in entry else f"{a} (PGD row)"
+            for a, entry in saved["alphas"].items() if "robust" not in entry]
     log(f"continuing the calibration in {path}: alphas done: {', '.join(done) or 'none'}"
         + (f"; part way: {', '.join(part)}" if part else ""))
     return saved
@@ -1362,6 +1362,9 @@ def calibrate(model, train_batches, val_batches, alphas, *, steps, eps=EPS_LINF,
         # an earlier call stopped in this alpha's APGD: its PGD row and finished APGD batches are kept
         row = dict(entry["row"]) if entry else _pgd_sweep_row(model, val_batches, alpha, steps=steps, eps=eps,
                                                               seed=seed)
+        if progress_path and criterion == "adaptive" and not entry:
+            progress["alphas"][f"{alpha:g}"] = {"row": row}     # minutes of PGD on a CPU, kept before the APGD
+            save_progress()
         line = (f"  alpha {alpha:5.3f}: clean {row['clean']:6.2f}  PGD-{steps} {row['plain']:6.2f}  "
                 f"BPDA PGD-{steps} {row['bpda']:6.2f}")
         robust = None
@@ -1372,6 +1375,8 @@ def calibrate(model, train_batches, val_batches, alphas, *, steps, eps=EPS_LINF,
                 rest = val_batches.after(len(done["per_image"]))
                 log(f"  alpha {alpha:5.3f}: PGD row kept from {progress_path}, APGD continues after "
                     f"{len(done['per_image'])} images")
+            elif entry:
+                log(f"  alpha {alpha:5.3f}: PGD row kept from {progress_path}, APGD starts")
 
             def keep_batches(apgd_progress):     # after every batch: even a killed run loses one batch at most
                 progress["alphas"][f"{alpha:g}"] = {"row": row, "apgd": apgd_progress}

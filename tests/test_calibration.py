@@ -230,3 +230,32 @@ def test_calibrate_continues_an_alpha_whose_apgd_was_interrupted(tiny_trained, t
     assert batches_seen == [0.0, 0.0, 0.1, 0.1, 0.1]         # only the second batch of alpha 0.1 again
     assert again == expected
     assert any("part way: 0.1 (APGD after 16 images)" in line for line in lines), lines
+
+
+def test_calibrate_keeps_an_alphas_pgd_row_killed_before_its_first_apgd_batch(tiny_trained, train_set, val_set,
+                                                                              tmp_path, monkeypatch):
+    stats = M.Batches(train_set[0][:128], train_set[1][:128], 64, device="cpu")
+    val = M.Batches(val_set[0][:32], val_set[1][:32], 16, device="cpu")
+    settings = dict(steps=1, criterion="adaptive", apgd_iters=2, eps=2 / 255)
+    expected = M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1], log=lambda line: None, **settings)
+    progress, real = tmp_path / "sweep.json", M.apgd
+
+    def killed_in_alpha_01(model, x, y, **kw):
+        if M.get_alpha(model) == 0.1:
+            raise Killed
+        return real(model, x, y, **kw)
+
+    monkeypatch.setattr(M, "apgd", killed_in_alpha_01)
+    with pytest.raises(Killed):
+        M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1], progress_path=str(progress),
+                    log=lambda line: None, **settings)
+    saved = json.loads(progress.read_text())["alphas"]["0.1"]
+    assert list(saved) == ["row"]
+    assert saved["row"] == {k: expected[1][1][k] for k in ("alpha", "clean", "plain", "bpda")}
+    monkeypatch.setattr(M, "apgd", real)
+    monkeypatch.setattr(M, "evaluate", lambda *a, **k: pytest.fail("the kept PGD row was measured again"))
+    lines = []
+    again = M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1], progress_path=str(progress),
+                        log=lines.append, **settings)
+    assert again == expected
+    assert any("part way: 0.1 (PGD row)" in line for line in lines), lines
