@@ -1857,6 +1857,7 @@ def parse_args(argv=None):
     args.arch = args.arch or DEFAULT_ARCH
     args.resume_report = None       # check_run reads it for an evaluation's --resume
     args.saved = None               # "trained", then "calibrated": what this run has saved (interrupt hints)
+    args.interrupt_hint = None      # what an interrupted evaluation kept, and how to continue it
     if args.num_epochs and args.time_budget:
         p.error("give -e/--num-epochs or --time-budget, not both")
     if args.ema is not None and not 0 < args.ema < 1:
@@ -2317,8 +2318,7 @@ def _evaluate_cli(model, args, data_dir, device, log):
             save()
             again = ("continue them with --resume and the evaluation's flags alone (without --force-train or "
                      "--calibrate)" if args.saved else "repeat the command with --resume to continue")
-            print(f"\ninterrupted: the rows finished so far are in {args.report}, marked incomplete; {again}",
-                  file=sys.stderr)
+            args.interrupt_hint = f": the rows finished so far are in {args.report}, marked incomplete; {again}"
         raise
     report["complete"] = True
     return report
@@ -2348,7 +2348,9 @@ def main(argv=None):
                 f"(or make a model file of it now: python3 bench/rescue.py {checkpoint} OUT.pth)"
                 if checkpoint and os.path.exists(checkpoint) else "")
         sweep = sweep_progress_file(args.model_file) if args and args.calibrate else None
-        if not hint and sweep and os.path.exists(sweep):
+        if args and args.interrupt_hint:    # it names the report and the command that continues it
+            hint = args.interrupt_hint
+        elif not hint and sweep and os.path.exists(sweep):
             again = (f"run the calibration again without --force-train ({args.model_file} holds the trained model)"
                      if args.force_train else "run the same command again")
             hint = f"; the calibration keeps what it finished in {sweep}: {again} to continue"
