@@ -1352,7 +1352,8 @@ def calibrate(model, train_batches, val_batches, alphas, *, steps, eps=EPS_LINF,
     sweep, base = [], None
     for alpha in sorted(set(alphas) | {0.0}):
         set_alpha(model, alpha)
-        entry = progress["alphas"].get(f"{alpha:g}", {})
+        name = f"{alpha:g}"      # its entry in the progress file
+        entry = progress["alphas"].get(name, {})
         if "robust" in entry:       # finished by an earlier call
             row, robust = dict(entry["row"]), per_image_bools(entry["robust"])
             base = robust if alpha == 0 else base
@@ -1363,7 +1364,7 @@ def calibrate(model, train_batches, val_batches, alphas, *, steps, eps=EPS_LINF,
         row = dict(entry["row"]) if entry else _pgd_sweep_row(model, val_batches, alpha, steps=steps, eps=eps,
                                                               seed=seed)
         if progress_path and criterion == "adaptive" and not entry:
-            progress["alphas"][f"{alpha:g}"] = {"row": row}     # minutes of PGD on a CPU, kept before the APGD
+            progress["alphas"][name] = {"row": row}     # minutes of PGD on a CPU, kept before the APGD
             save_progress()
         line = (f"  alpha {alpha:5.3f}: clean {row['clean']:6.2f}  PGD-{steps} {row['plain']:6.2f}  "
                 f"BPDA PGD-{steps} {row['bpda']:6.2f}")
@@ -1379,7 +1380,7 @@ def calibrate(model, train_batches, val_batches, alphas, *, steps, eps=EPS_LINF,
                 log(f"  alpha {alpha:5.3f}: PGD row kept from {progress_path}, APGD starts")
 
             def keep_batches(apgd_progress):     # after every batch: even a killed run loses one batch at most
-                progress["alphas"][f"{alpha:g}"] = {"row": row, "apgd": apgd_progress}
+                progress["alphas"][name] = {"row": row, "apgd": apgd_progress}
                 save_progress()
 
             robust, _ = apgd_robust(model, rest, adaptive_components(alpha), norm="linf", eps=eps, iters=apgd_iters,
@@ -1394,7 +1395,7 @@ def calibrate(model, train_batches, val_batches, alphas, *, steps, eps=EPS_LINF,
         log(line)
         if progress_path:
             robust_record = "" if robust is None else per_image_string(robust)
-            progress["alphas"][f"{alpha:g}"] = {"row": row, "robust": robust_record}
+            progress["alphas"][name] = {"row": row, "robust": robust_record}
             save_progress()
     alpha = choose_alpha(sweep, criterion)
     set_alpha(model, alpha)

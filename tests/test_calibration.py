@@ -202,12 +202,19 @@ class Killed(BaseException):
     """Stands for kill -9 or a lost machine: no handler of model.py sees it."""
 
 
+def _two_batch_sweep(model, train_set, val_set):
+    """(statistics batches, validation batches of two APGD batches per alpha, settings, the uninterrupted
+    calibration's result over alphas 0 and 0.1): what the interrupted calibrations below must reproduce."""
+    stats = M.Batches(train_set[0][:128], train_set[1][:128], 64, device="cpu")
+    val = M.Batches(val_set[0][:32], val_set[1][:32], 16, device="cpu")
+    settings = dict(steps=1, criterion="adaptive", apgd_iters=2, eps=2 / 255)
+    expected = M.calibrate(copy.deepcopy(model), stats, val, [0.1], log=lambda line: None, **settings)
+    return stats, val, settings, expected
+
+
 def test_calibrate_continues_an_alpha_whose_apgd_was_interrupted(tiny_trained, train_set, val_set, tmp_path,
                                                                  monkeypatch):
-    stats = M.Batches(train_set[0][:128], train_set[1][:128], 64, device="cpu")
-    val = M.Batches(val_set[0][:32], val_set[1][:32], 16, device="cpu")     # two APGD batches per alpha
-    settings = dict(steps=1, criterion="adaptive", apgd_iters=2, eps=2 / 255)
-    expected = M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1], log=lambda line: None, **settings)
+    stats, val, settings, expected = _two_batch_sweep(tiny_trained, train_set, val_set)
     progress, real, batches_seen = tmp_path / "sweep.json", M.apgd, []
 
     def stop_in_second_batch_of_alpha_01(model, x, y, **kw):
@@ -234,10 +241,7 @@ def test_calibrate_continues_an_alpha_whose_apgd_was_interrupted(tiny_trained, t
 
 def test_calibrate_keeps_an_alphas_pgd_row_killed_before_its_first_apgd_batch(tiny_trained, train_set, val_set,
                                                                               tmp_path, monkeypatch):
-    stats = M.Batches(train_set[0][:128], train_set[1][:128], 64, device="cpu")
-    val = M.Batches(val_set[0][:32], val_set[1][:32], 16, device="cpu")
-    settings = dict(steps=1, criterion="adaptive", apgd_iters=2, eps=2 / 255)
-    expected = M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1], log=lambda line: None, **settings)
+    stats, val, settings, expected = _two_batch_sweep(tiny_trained, train_set, val_set)
     progress, real = tmp_path / "sweep.json", M.apgd
 
     def killed_in_alpha_01(model, x, y, **kw):
