@@ -486,11 +486,16 @@ def test_load_for_testing_loads_the_committed_file_in_eval_mode(repo_root, commi
     assert net.training
     assert net.load_for_testing(project_dir=str(repo_root)) is net
     assert not net.training and not any(m.training for m in net.modules())
-    assert M.get_alpha(net) == 0.35
-    stored = torch.load(committed_model_file, weights_only=True)["state_dict"]
+    payload = torch.load(committed_model_file, weights_only=True)
+    stored = payload["state_dict"]
     current = net.state_dict()
     assert set(stored) == set(current)
     for name, value in stored.items():
         assert current[name].dtype == (torch.int64 if value.dtype == torch.int64 else torch.float32)
         assert torch.equal(current[name].to(value.dtype), value), name
-    assert "calibration" in net.meta and net.meta["calibration"]["alpha"] == 0.35
+    # its alpha, in every MeanSparse buffer (compared above) and in its metadata, is the one the adaptive
+    # criterion chose on the validation split
+    calibration = net.meta["calibration"]
+    assert M.get_alpha(net) == payload["alpha"] == calibration["alpha"]
+    assert calibration["criterion"] == "adaptive" and calibration["n_val"] == 1024
+    assert M.choose_alpha(calibration["sweep"], "adaptive") == calibration["alpha"]
