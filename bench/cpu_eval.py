@@ -13,6 +13,8 @@ Rows (each the best of --repeats runs, to damp the noise of a shared machine):
                     forward called on exactly B images
   Net (platform)    Net().load_for_testing() called as the grading platform does: plain NCHW batches of
                     512 (PGD: 100) from ToTensor-like [0,1] images; forward splits them on the CPU
+  Net, mask always  the platform's row with every MeanSparse computing its mask even at alpha 0 (the
+                    shortcut that skips it there is what the row before measures)
   ./model.py        evaluate() on Batches of --eval-batch-size's CPU default, as ./model.py runs it
 It also checks that every row predicts the same classes as `before` on every image (natural) and prints
 the number of disagreements, which float32 rounding of near ties can make non-zero.
@@ -49,6 +51,15 @@ def previous_version():
         yield
     finally:
         M.MeanSparse.forward, M.CPU_BATCH = forward, chunk
+
+
+@contextlib.contextmanager
+def mask_always():
+    forward, M.MeanSparse.forward = M.MeanSparse.forward, M.MeanSparse.masked
+    try:
+        yield
+    finally:
+        M.MeanSparse.forward = forward
 
 
 @contextlib.contextmanager
@@ -103,7 +114,7 @@ def main():
     xp, yp = x[:args.n_pgd], y[:args.n_pgd]
     net = M.Net().load_for_testing(repo)
     nchw, cl = torch.contiguous_format, torch.channels_last
-    print(f"committed model, {torch.get_num_threads()} threads, torch {torch.__version__}; natural on "
+    print(f"committed model (alpha {M.get_alpha(net):g}), {torch.get_num_threads()} threads, torch {torch.__version__}; natural on "
           f"{len(y)} test images, PGD-5 L-inf on {len(yp)}; best of {args.repeats}")
     rows = []
 
@@ -139,6 +150,11 @@ def main():
     row("Net (platform)", "natural", t, len(y), agreement(preds))
     t, correct = best_of(args.repeats, lambda: pgd5(platform, xp, yp, 100, nchw))
     row("Net (platform)", "pgd-5", t, len(yp), f"(accuracy {100 * correct / len(yp):.2f} %)")
+    with mask_always():
+        t, preds = best_of(args.repeats, lambda: natural(platform, x, y, 512, nchw))
+        row("Net, mask always", "natural", t, len(y), agreement(preds))
+        t, correct = best_of(args.repeats, lambda: pgd5(platform, xp, yp, 100, nchw))
+        row("Net, mask always", "pgd-5", t, len(yp), f"(accuracy {100 * correct / len(yp):.2f} %)")
     batches = M.Batches(images[:args.n_natural], labels[:args.n_natural], M.CPU_BATCH, device="cpu")
     t, accuracy = best_of(args.repeats, lambda: M.evaluate(platform, batches, verbose=False))
     row("./model.py", "natural", t, len(y), f"(accuracy {accuracy:.2f} %)")

@@ -79,6 +79,30 @@ def test_meansparse_alpha_zero_is_exactly_the_identity():
     assert torch.equal(M.MeanSparse(4)(x), x)              # a fresh module is alpha 0
 
 
+def test_meansparse_at_alpha_zero_skips_the_mask_on_the_cpu_with_the_same_result(monkeypatch):
+    """The shortcut gives what the mask gives at alpha 0 (x, bit for bit, gradient 1) without computing it."""
+    m = _sparse(alpha=0.0)
+    x = _x(requires_grad=True)
+    x.data[:, :, 0, 0] = m.mean.view(1, -1)                 # values on the mean too
+    for mode in ("mask", "bpda"):
+        m.mode = mode
+        masked = m.masked(x)
+        assert torch.equal(masked, x)
+        assert torch.equal(torch.autograd.grad(masked.sum(), x)[0], torch.ones_like(x))
+
+    def no_mask(self, x):
+        raise AssertionError("the mask was computed at alpha 0")
+    monkeypatch.setattr(M.MeanSparse, "masked", no_mask)
+    for mode in ("mask", "bpda"):
+        m.mode = mode
+        out = m(x)
+        assert torch.equal(out, x)
+        assert torch.equal(torch.autograd.grad(out.sum(), x)[0], torch.ones_like(x))
+    m.alpha.fill_(0.1)
+    with pytest.raises(AssertionError, match="mask was computed"):     # any other alpha masks
+        m(x)
+
+
 def test_meansparse_gradient_is_masked_inside_the_band():
     m = _sparse(alpha=0.5)
     x = _x(requires_grad=True)
