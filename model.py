@@ -2099,14 +2099,24 @@ def apgd_cost_note(args):
     ten minutes: a GPU job, and the flags that make it smaller. None when it is short."""
     rows = sum(name.startswith(("apgd-", "aa-")) for name in args.eval)
     work = rows * images_of(args.split, args.n_eval)
+    kept = ""
     if args.calibrate and args.alpha_criterion == "adaptive":
-        work += len(set(args.alpha_grid) | {0.0}) * images_of("val", args.n_eval)
+        alphas = {f"{a:g}" for a in set(args.alpha_grid) | {0.0}}
+        # an interrupted calibration's finished alphas are taken over (if its settings match): not counted
+        progress = read_json(sweep_progress_file(args.model_file))
+        entries = progress.get("alphas") if isinstance(progress, dict) else None
+        finished = sorted(a for a, e in entries.items() if a in alphas and isinstance(e, dict) and "robust" in e
+                          ) if isinstance(entries, dict) else []
+        work += (len(alphas) - len(finished)) * images_of("val", args.n_eval)
+        if finished:
+            kept = (f"; not counted: alpha {', '.join(finished)}, finished in {sweep_progress_file(args.model_file)} "
+                    f"(taken over if made with the same weights and settings)")
     seconds = work * APGD_CPU_SECONDS * args.apgd_iters / APGD_ITERS
     if seconds <= 600:
         return None
     return (f"note: this run attacks {work:,} images with APGD (each alpha of the adaptive calibration, each "
             f"apgd-*/aa-* row): about {_duration(seconds)} on a 2-core CPU, a GPU job; --n-eval, --alpha-grid "
-            f"and --apgd-iters make it smaller")
+            f"and --apgd-iters make it smaller{kept}")
 
 
 def keep_previous(path, log):

@@ -210,6 +210,21 @@ def test_apgd_work_that_would_take_a_cpu_hours_says_so_first(cli, tiny_copy, mon
     assert M.apgd_cost_note(M.parse_args(["--eval", "apgd-l2", "--n-eval", "1000", "--apgd-iters", "5"])) is None
 
 
+def test_the_cost_note_leaves_out_the_alphas_an_interrupted_calibration_finished(tmp_path):
+    model_file = tmp_path / "m.pth"
+    args = M.parse_args(["--calibrate", "--alpha-grid", "0.2,0.35", "--model-file", str(model_file)])
+    assert "attacks 3,072 images" in M.apgd_cost_note(args) and "not counted" not in M.apgd_cost_note(args)
+    progress = {"key": {}, "alphas": {"0": {"row": {}, "robust": "01"}, "0.2": {"row": {}, "apgd": {}},
+                                      "0.5": {"row": {}, "robust": "1"}}}    # 0.2 part way, 0.5 not in the grid
+    (tmp_path / "m.pth.calibration.json").write_text(json.dumps(progress))
+    note = M.apgd_cost_note(args)
+    assert "attacks 2,048 images" in note
+    assert note.endswith(f"; not counted: alpha 0, finished in {model_file}.calibration.json (taken over if made "
+                         "with the same weights and settings)"), note
+    (tmp_path / "m.pth.calibration.json").write_text("{not json")
+    assert "attacks 3,072 images" in M.apgd_cost_note(args)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Broken inputs
 # ----------------------------------------------------------------------------------------------------
