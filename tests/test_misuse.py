@@ -202,7 +202,7 @@ def test_apgd_work_that_would_take_a_cpu_hours_says_so_first(cli, tiny_copy, mon
     status, out, err = cli("--model-file", tiny_copy, "--eval", "natural,apgd-linf", "--device", "cpu")
     assert status == 2
     assert out.startswith("note: this run attacks 10,000 images with APGD (each alpha of the adaptive calibration, "
-                          "each apgd-*/aa-* row): about 22.2 h on a 2-core CPU, a GPU job; --n-eval"), out
+                          "each apgd-*/aa-* row): about 23.6 h on a 2-core CPU, a GPU job; --n-eval"), out
     # the adaptive calibration: each alpha on the validation split; smaller runs go without a note
     assert "attacks 3,072 images" in M.apgd_cost_note(M.parse_args(["--calibrate", "--alpha-grid", "0.1,0.2"]))
     assert M.apgd_cost_note(M.parse_args(["--calibrate", "--alpha-criterion", "bpda"])) is None
