@@ -69,9 +69,9 @@ STEADY_STEP = 5                             # training steps before timing (cudn
 SELECT_IMAGES = 512                         # validation images of each weight-selection APGD check
 SELECT_ITERS = 50                           # APGD iterations of each of its two attacks
 APGD_ITERS = 100                            # APGD iterations of the adaptive evaluation (AutoAttack's)
-APGD_CPU_SECONDS = 8.5                      # per image and APGD worst case (100 iterations) on a 2-core CPU:
-                                            # L-inf 8.5 over 1,000 test images (results/apgd_linf_test1000_
-                                            # alpha0_cpu.json), L2 10.1 over 32 (results/apgd_l2_cpu_test32.json)
+APGD_CPU_SECONDS = {"linf": 8.5, "l2": 10.0}  # per image and APGD worst case (100 iterations) on a 2-core
+                                            # CPU, measured over the first 1,000 test images at alpha 0:
+                                            # results/apgd_{linf,l2}_test1000_alpha0_cpu.json (8,546 s, 9,955 s)
 CPU_BATCH = 64                              # images per forward pass on the CPU in eval mode: beyond ~64
                                             # a WRN-28-4's activations outgrow malloc's heap (page faults)
 GPU_EVAL_BATCH = 512                        # default evaluation batch on CUDA
@@ -2098,8 +2098,9 @@ def write_lock(target, flag="--model-file"):
 def apgd_cost_note(args):
     """A note before APGD work (apgd-*, aa-* rows, the adaptive calibration) that would take a CPU more than
     ten minutes: a GPU job, and the flags that make it smaller. None when it is short."""
-    rows = sum(name.startswith(("apgd-", "aa-")) for name in args.eval)
-    work = rows * images_of(args.split, args.n_eval)
+    norms = [name.split("-")[1] for name in args.eval if name.startswith(("apgd-", "aa-"))]   # one per row
+    work = len(norms) * images_of(args.split, args.n_eval)
+    seconds = sum(APGD_CPU_SECONDS[norm] for norm in norms) * images_of(args.split, args.n_eval)
     kept = ""
     if args.calibrate and args.alpha_criterion == "adaptive":
         alphas = {f"{a:g}" for a in set(args.alpha_grid) | {0.0}}
@@ -2108,11 +2109,13 @@ def apgd_cost_note(args):
         entries = progress.get("alphas") if isinstance(progress, dict) else None
         finished = sorted(a for a, e in entries.items() if a in alphas and isinstance(e, dict) and "robust" in e
                           ) if isinstance(entries, dict) else []
-        work += (len(alphas) - len(finished)) * images_of("val", args.n_eval)
+        swept = (len(alphas) - len(finished)) * images_of("val", args.n_eval)
+        work += swept
+        seconds += swept * APGD_CPU_SECONDS["linf"]       # the calibration's criterion is apgd-linf
         if finished:
             kept = (f"; not counted: alpha {', '.join(finished)}, finished in {sweep_progress_file(args.model_file)} "
                     f"(taken over if made with the same weights and settings)")
-    seconds = work * APGD_CPU_SECONDS * args.apgd_iters / APGD_ITERS
+    seconds *= args.apgd_iters / APGD_ITERS
     if seconds <= 600:
         return None
     return (f"note: this run attacks {work:,} images with APGD (each alpha of the adaptive calibration, each "
