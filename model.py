@@ -2099,8 +2099,8 @@ def apgd_cost_note(args):
     """A note before APGD work (apgd-*, aa-* rows, the adaptive calibration) that would take a CPU more than
     ten minutes: a GPU job, and the flags that make it smaller. None when it is short."""
     norms = [name.split("-")[1] for name in args.eval if name.startswith(("apgd-", "aa-"))]   # one per row
-    work = len(norms) * images_of(args.split, args.n_eval)
-    seconds = sum(APGD_CPU_SECONDS[norm] for norm in norms) * images_of(args.split, args.n_eval)
+    images = images_of(args.split, args.n_eval)
+    work, seconds = len(norms) * images, sum(APGD_CPU_SECONDS[norm] for norm in norms) * images
     kept = ""
     if args.calibrate and args.alpha_criterion == "adaptive":
         alphas = {f"{a:g}" for a in set(args.alpha_grid) | {0.0}}
