@@ -1486,6 +1486,17 @@ def attack_settings(name, args):
             "bpda": name.startswith("bpda-"), "crafted_at_alpha": 0.0 if name.startswith("transfer-") else None}
 
 
+def resumable_row(previous, name, args, device_type):
+    """(row, None): row `name` of the report a --resume continues (None if it has none), to be kept whole or,
+    stopped between two batches, continued; (None, why) when it must be measured again."""
+    old = previous["results"].get(name) if previous else None
+    if old is not None and not all(old.get(k) == v for k, v in attack_settings(name, args).items()):
+        return None, "the report's row was made with other settings"
+    if old is not None and old.get("progress", {}).get("device", device_type) != device_type:
+        return None, "the report's row was stopped on another device, whose random starts cannot go on here"
+    return old, None
+
+
 class _AutoAttackLog(logging.Handler):
     """Shows AutoAttack's progress lines (robust accuracy after each attack, its checks' warnings) as they
     come, and keeps them for the report."""
@@ -2098,9 +2109,16 @@ def write_lock(target, flag="--model-file"):
 def apgd_cost_note(args):
     """A note before APGD work (apgd-*, aa-* rows, the adaptive calibration) that would take a CPU more than
     ten minutes: a GPU job, and the flags that make it smaller. None when it is short."""
-    norms = [name.split("-")[1] for name in args.eval if name.startswith(("apgd-", "aa-"))]   # one per row
-    images = images_of(args.split, args.n_eval)
-    work, seconds = len(norms) * images, sum(APGD_CPU_SECONDS[norm] for norm in norms) * images
+    work, seconds = 0, 0.0
+    for name in args.eval:
+        if name.startswith(("apgd-", "aa-")):
+            images = images_of(args.split, args.n_eval)
+            # a --resume keeps the report's finished rows and continues a stopped one: only the rest counts
+            old, _ = resumable_row(args.resume_report, name, args, "cpu")
+            if old is not None:
+                images = 0 if old.get("complete", True) else images - old["n_done"]
+            work += images
+            seconds += APGD_CPU_SECONDS[name.split("-")[1]] * images
     kept = ""
     if args.calibrate and args.alpha_criterion == "adaptive":
         alphas = {f"{a:g}" for a in set(args.alpha_grid) | {0.0}}
@@ -2285,14 +2303,9 @@ def _evaluate_cli(model, args, data_dir, device, log):
     try:
         for name in args.eval:
             t0, before, done, rest = time.perf_counter(), 0.0, None, batches
-            old = previous["results"].get(name) if previous else None
-            if old is not None and not all(old.get(k) == v for k, v in attack_settings(name, args).items()):
-                log(f"{name}: the report's row was made with other settings; measuring it again")
-                old = None
-            if old is not None and old.get("progress", {}).get("device", device.type) != device.type:
-                log(f"{name}: the report's row was stopped on another device, whose random starts cannot go on "
-                    f"here; measuring it again")
-                old = None
+            old, stale = resumable_row(previous, name, args, device.type)
+            if stale:
+                log(f"{name}: {stale}; measuring it again")
             if old is not None and old.get("complete", True):
                 report["results"][name] = old
                 log(f"{name:14s} {old['accuracy']:6.2f} %  on {old['n']} images  (kept from {args.report})")

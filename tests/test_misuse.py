@@ -229,6 +229,19 @@ def test_the_cost_note_leaves_out_the_alphas_an_interrupted_calibration_finished
     assert "attacks 3,072 images" in M.apgd_cost_note(args)
 
 
+def test_the_cost_note_counts_only_what_a_resumed_report_has_left():
+    args = M.parse_args(["--eval", "natural,apgd-linf,apgd-l2", "--n-eval", "1000", "--split", "test"])
+    settings = {name: M.attack_settings(name, args) for name in ("apgd-linf", "apgd-l2")}
+    args.resume_report = {"results": {      # L-inf finished, L2 stopped after 512 of 1,000
+        "apgd-linf": {"accuracy": 46.1, "n": 1000, **settings["apgd-linf"]},
+        "apgd-l2": {"complete": False, "n_done": 512, "n": 1000, **settings["apgd-l2"], "progress": {"device": "cpu"}}}}
+    assert "attacks 488 images" in M.apgd_cost_note(args)
+    # a row made with other settings, or stopped on another device, is measured again: it counts whole
+    args.resume_report["results"]["apgd-linf"]["iters"] = 50
+    args.resume_report["results"]["apgd-l2"]["progress"]["device"] = "cuda"
+    assert "attacks 2,000 images" in M.apgd_cost_note(args)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Broken inputs
 # ----------------------------------------------------------------------------------------------------
