@@ -1413,6 +1413,8 @@ def calibrate(model, train_batches, val_batches, alphas, *, steps, eps=EPS_LINF,
             f"attack by more than {SIGNIFICANCE:g} standard errors of the paired difference with clean accuracy "
             f"within {CLEAN_DROP_LIMIT:g} points (best: alpha {best['alpha']:g}, {best['gain']:+.2f} +- "
             f"{best['gain_se']:.2f})")
+    elif len(sweep) == 1:       # nothing was chosen: the caveats of the criteria would mislead
+        log(f"alpha {alpha:g}: the only value of the grid")
     else:
         note = {"plain": " (plain PGD sees a masked gradient: this choice rewards gradient masking, not "
                          "robustness)",

@@ -263,3 +263,13 @@ def test_calibrate_keeps_an_alphas_pgd_row_killed_before_its_first_apgd_batch(ti
                         log=lines.append, **settings)
     assert again == expected
     assert any("part way: 0.1 (PGD row)" in line for line in lines), lines
+
+
+def test_calibrate_on_a_one_value_grid_says_that_nothing_was_chosen(tiny_trained, train_set, val_set):
+    stats = M.Batches(train_set[0][:64], train_set[1][:64], 64, device="cpu")
+    val = M.Batches(val_set[0][:16], val_set[1][:16], 16, device="cpu")
+    lines = []
+    alpha, sweep = M.calibrate(tiny_trained, stats, val, [0.0], steps=1, criterion="bpda", eps=2 / 255,
+                               log=lines.append)
+    assert alpha == 0.0 and len(sweep) == 1
+    assert lines[-1] == "alpha 0: the only value of the grid"
