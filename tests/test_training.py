@@ -287,9 +287,19 @@ def test_too_few_images_for_one_batch_is_a_user_error(small_sets, tmp_path):
                 checkpoint_path=str(tmp_path / "m.ckpt"), log=_quiet)
 
 
+def _budget_minutes(small_sets, tmp_path, factor, **kw):
+    """`factor` times what two fixed epochs of this configuration, with their final check, take on this
+    machine now. A budget run does at least two epochs and checks after the first and the last, so a fixed
+    budget of a few seconds fitted a fast CPU only: these tests are about the budget logic, not the speed."""
+    train_set, val_set = small_sets
+    _, info = M.train(_net(), train_set, val_set, _cfg(epochs=2, **kw), device="cpu",
+                      checkpoint_path=str(tmp_path / "probe.ckpt"), log=_quiet)
+    return factor * info["wall_seconds"] / 60
+
+
 def test_time_budget_fixes_the_length_and_is_respected(small_sets, tmp_path):
     train_set, val_set = small_sets
-    budget_min = 0.1                                           # 6 seconds
+    budget_min = _budget_minutes(small_sets, tmp_path, 2, warmup_epochs=0.5)
     cfg = _cfg(epochs=None, time_budget=budget_min, warmup_epochs=0.5)
     lines = []
     _, info = M.train(_net(), train_set, val_set, cfg, device="cpu", checkpoint_path=str(tmp_path / "m.ckpt"),
@@ -307,8 +317,9 @@ def test_time_budget_is_respected_when_epochs_get_dearer(small_sets, tmp_path):
     # An eps ramp leaves the first epoch of a budget run without attack; later epochs run a 6-step attack
     # and cost several times as much. Fixing the length from the first epoch alone overran such a budget.
     train_set, val_set = small_sets
-    budget_min = 0.15                                          # 9 seconds
-    cfg = _cfg(epochs=None, time_budget=budget_min, warmup_epochs=0.5, eps_ramp=0.5, attack_steps=6)
+    kw = dict(warmup_epochs=0.5, eps_ramp=0.5, attack_steps=6)
+    budget_min = _budget_minutes(small_sets, tmp_path, 2, **kw)
+    cfg = _cfg(epochs=None, time_budget=budget_min, **kw)
     lines = []
     _, info = M.train(_net(), train_set, val_set, cfg, device="cpu", checkpoint_path=str(tmp_path / "m.ckpt"),
                       log=lines.append)
