@@ -19,7 +19,8 @@ if str(REPO) not in sys.path:
 
 import model as M  # noqa: E402
 
-# On this 2-core machine one intra-op thread is several times faster than two for small models.
+# One intra-op thread is several times faster than two for the small models here; the two cores of a
+# CI machine are used by two pytest workers instead (`-n 2`, pytest-xdist).
 torch.set_num_threads(1)
 
 COMMITTED = REPO / "models" / "default_model.pth"
