@@ -324,6 +324,24 @@ def parse_arch(text):
     return depth, width
 
 
+class InputLayout(torch.autograd.Function):
+    """The input in the layout of the model's weights (channels_last is faster on CPUs and GPUs); its
+    gradient goes back in the input's own layout, contiguous. Without it a channels_last model hands an NCHW
+    caller a channels_last-strided gradient, and the textbook L2 step `grad.view(n, -1)` fails on it."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.layout = torch.channels_last if x.dim() == 4 and not x.is_contiguous() and \
+            x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        layout = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) and \
+            not weight.is_contiguous() else torch.contiguous_format
+        return x.contiguous(memory_format=layout).view_as(x) if x.dim() == 4 else x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous(memory_format=ctx.layout), None
+
+
 class WideResNet(nn.Module):
     """WideResNet (RobustBench names) with a MeanSparse before every ReLU; takes [0,1] images."""
 
@@ -350,10 +368,14 @@ class WideResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x):
+        x = InputLayout.apply(x, self.conv1.weight)
         if x.device.type == "cpu" and not self.training and len(x) > CPU_BATCH:
             # In eval mode every image is independent of the others, so splitting changes nothing but the
             # speed: on the CPU small batches are much faster (bench/cpu_eval.py)
-            return torch.cat([self.forward(chunk) for chunk in x.split(CPU_BATCH)])
+            return torch.cat([self._forward(chunk) for chunk in x.split(CPU_BATCH)])
+        return self._forward(x)
+
+    def _forward(self, x):
         out = self.conv1((x - self.input_mean) / self.input_std)
         out = self.block3(self.block2(self.block1(out)))
         out = self.relu(self.sparse(self.bn1(out)))

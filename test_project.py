@@ -6,8 +6,9 @@
 
 It imports <project>/model.py, builds `Net()`, moves it to the device, calls
 `load_for_testing(project_dir=<project>)`, checks that the model is in eval mode and holds exactly the
-weights of the committed file, then classifies all 1,024 validation images (training images 0..1023,
-as [0,1] tensors, no normalisation outside the model) and prints `Model nat accuracy (test): XX.XX`.
+weights of the committed file, takes one textbook L2 PGD step on a few images (the input gradient
+flattened with `.view`, as most graders do), then classifies all 1,024 validation images (training images
+0..1023, as [0,1] tensors, no normalisation outside the model) and prints `Model nat accuracy (test): XX.XX`.
 Exit status 0 when every check passes, 1 otherwise.
 """
 import argparse
@@ -79,6 +80,24 @@ def check_weights(net, weights_path):
             raise CheckFailed(f"loaded weights differ from {weights_path} at {name}")
 
 
+def check_l2_step(net, images, labels, eps=0.5, step=0.125):
+    """One PGD-L2 step as graders write it: the input gradient must come back in the input's (NCHW) layout,
+    or `grad.view(n, -1)` fails."""
+    n = len(labels)
+    x = images.clone().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(net(x), labels)
+    grad, = torch.autograd.grad(loss, x)
+    try:
+        norms = grad.view(n, -1).norm(p=2, dim=1) + 1e-10
+    except RuntimeError:
+        raise CheckFailed(f"the input gradient has strides {grad.stride()}, not those of the NCHW input "
+                          f"{images.stride()}: a grader's L2 attack (grad.view(n, -1)) fails on it") from None
+    delta = step * grad / norms.view(n, 1, 1, 1)
+    x_adv = (images + delta * (eps / delta.view(n, -1).norm(dim=1)).clamp(max=1).view(n, 1, 1, 1)).clamp(0, 1)
+    with torch.no_grad():
+        net(x_adv)
+
+
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):     # one line naming the flag, not the whole usage block
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -114,6 +133,7 @@ def main():
             raise CheckFailed("load_for_testing left the model in train mode; call self.eval()")
         check_weights(net, weights_path)
         images, labels = validation_images(args.data_dir)
+        check_l2_step(net, images[:8].to(args.device), labels[:8].to(args.device))
         correct = 0
         with torch.no_grad():
             for i in range(0, len(labels), args.batch_size):
