@@ -1,27 +1,24 @@
 #!/usr/bin/env python3
-"""Adversarially robust CIFAR-10: a WideResNet with MeanSparse, PGD training and honest evaluation.
+"""Adversarially robust CIFAR-10: a WideResNet with MeanSparse, adversarial training and honest evaluation.
 
 One file, read top to bottom: config -> data -> model -> attacks -> training -> MeanSparse calibration
--> evaluation -> CLI. Nothing runs on import.
+-> evaluation -> CLI. Nothing runs on import, and config and model need torch alone.
 
-Examples
-    ./model.py                                     # natural accuracy of models/default_model.pth (test)
+    ./model.py                                       # natural accuracy of models/default_model.pth (test)
     ./model.py --eval natural,pgd-linf,bpda-linf --n-eval 1000 --report r.json
-    ./model.py --eval apgd-linf,apgd-l2            # the adaptive evaluation (APGD worst case): a GPU job
-    ./model.py --calibrate --model-file copy.pth   # MeanSparse statistics + alpha chosen on validation
+    ./model.py --eval apgd-linf,apgd-l2              # the adaptive evaluation (APGD worst case): a GPU job
+    ./model.py --calibrate --model-file copy.pth     # MeanSparse statistics + alpha chosen on validation
     ./model.py --force-train --time-budget 7 --calibrate --eval natural,pgd-linf,bpda-linf
-    ./model.py --force-train --time-budget 8.5 --trades 6 --awp 5e-3 --train-steps 2 --train-step-size 8/255 \
-        --eps-ramp 1 --ema 0.995 --ema-start 0.75 --select-from 0.5 --model-file new.pth
     torchrun --nproc_per_node=2 model.py --force-train -e 30
 
-The grading platform imports this file, builds `Net()`, calls `net.load_for_testing(project_dir)` and
-feeds [0,1] images (normalisation happens inside the model).
+The grading platform imports this file, builds `Net()`, calls `net.load_for_testing(project_dir)` and feeds
+[0,1] images (normalisation happens inside the model).
 """
 import argparse
-import base64
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -36,11 +33,9 @@ import tempfile
 import time
 import warnings
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -49,32 +44,28 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)     # training-set channel mean of [0,1]
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)      # training-set channel std of [0,1] pixels
 NUM_CLASSES = 10
 NUM_VAL = 1024                              # training images 0..1023: validation, never trained on
+SPLIT_SIZES = {"train": 50_000 - NUM_VAL, "val": NUM_VAL, "test": 10_000}
 CROP_PAD = 4                                # pixels of zero padding for the random crop
 DEFAULT_DATA_DIR = "./data"
-DEFAULT_ARCH = "28-4"                       # depth-widen factor of Net()
+DEFAULT_ARCH = "28-4"                       # what Net() builds: a WRN-28-4
 FILE_FORMAT = "wrn-meansparse/1"            # tag stored in every model file
 
-EPS_LINF = 8 / 255                          # L-inf radius in [0,1] pixel units
-EPS_L2 = 0.5                                # L2 radius in [0,1] pixel units
 EVAL_STEPS = 20                             # PGD steps of an evaluation attack
 VAL_PGD_STEPS = 10                          # PGD steps of the validation check during training
-ALPHA_GRID = "0,0.05,0.1,0.15,0.2,0.25,0.3,0.35,0.4"
+APGD_ITERS = 100                            # APGD iterations of the adaptive evaluation (AutoAttack's)
+ALPHA_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4)
 CLEAN_DROP_LIMIT = 0.5                      # points of clean accuracy an alpha may cost (calibration)
 SIGNIFICANCE = 2.0                          # standard errors by which an alpha > 0 must beat alpha 0 (adaptive)
-PLOT_EPS = {"linf": [e / 255 for e in (0, 2, 4, 6, 8, 10, 12, 16)],
-            "l2": [0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]}
-SANITY_EPS_LINF = [e / 255 for e in (0, 4, 8, 16, 32, 64)]   # the last one must break every image
+SANITY_EPS_LINF = tuple(e / 255 for e in (0, 4, 8, 16, 32, 64))     # the last one must break every image
 SANITY_STEPS_FACTOR = 5
 STEADY_STEP = 5                             # training steps before timing (cudnn autotuning, compilation)
 SELECT_IMAGES = 512                         # validation images of each weight-selection APGD check
 SELECT_ITERS = 50                           # APGD iterations of each of its two attacks
-APGD_ITERS = 100                            # APGD iterations of the adaptive evaluation (AutoAttack's)
-APGD_CPU_SECONDS = {"linf": 8.5, "l2": 10.0}  # per image and APGD worst case (100 iterations) on a 2-core
-                                            # CPU, measured over the first 1,000 test images at alpha 0:
-                                            # results/apgd_{linf,l2}_test1000_alpha0_cpu.json (8,546 s, 9,955 s)
-CPU_BATCH = 64                              # images per forward pass on the CPU in eval mode: beyond ~64
-                                            # a WRN-28-4's activations outgrow malloc's heap (page faults)
+CPU_BATCH = 64                              # images per forward pass on the CPU in eval mode: beyond ~64 a
+                                            # WRN-28-4's activations outgrow malloc's heap (page faults)
 GPU_EVAL_BATCH = 512                        # default evaluation batch on CUDA
+LONG_CPU_WORK = 600                         # seconds of APGD on a CPU beyond which a run says so first
+PLOT_FORMATS = {"png": b"\x89PNG", "pdf": b"%PDF", "svg": b"<", "jpg": b"\xff\xd8", "jpeg": b"\xff\xd8"}
 
 
 class UserError(Exception):
@@ -85,8 +76,54 @@ class TrainingError(Exception):
     """Training cannot go on (a NaN loss, say): reported as one line, exit status 1."""
 
 
+def number(text):
+    """A finite float from a flag, or a fraction such as 8/255."""
+    try:
+        num, _, den = str(text).partition("/")
+        value = float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (use e.g. 0.031 or 8/255)") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+def integer(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def checked(parse, ok, rule):
+    """A flag's type: parse(text), then `rule` (the error's words) must hold of the value."""
+    def convert(text):
+        value = parse(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{rule}, got {text}")
+        return value
+    return convert
+
+
+non_negative = checked(number, lambda v: v >= 0, "must be >= 0")
+positive = checked(number, lambda v: v > 0, "must be > 0")
+run_fraction = checked(number, lambda v: 0 <= v <= 1, "must be a fraction of the run between 0 and 1")
+decay = checked(number, lambda v: 0 < v < 1, "must be between 0 and 1")
+below_one = checked(non_negative, lambda v: v < 1, "must be < 1")
+positive_int = checked(integer, lambda v: v > 0, "must be > 0")
+non_negative_int = checked(integer, lambda v: v >= 0, "must be >= 0")
+
+
+def linf_radius(text):
+    """An L-inf radius or step: above 1, the whole [0,1] pixel range, is almost surely 8 meant as 8/255."""
+    value = non_negative(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text} is above 1, the whole [0,1] pixel range: did you mean {text}/255?")
+    return value
+
+
 # ----------------------------------------------------------------------------------------------------
-# Data
+# Data and device
 # ----------------------------------------------------------------------------------------------------
 def resolve_data_dir(data_dir=None):
     """--data-dir, else $CIFAR10_DIR, else ./data."""
@@ -94,6 +131,7 @@ def resolve_data_dir(data_dir=None):
 
 
 def _read_batches(folder, names):
+    import numpy as np      # the pickles hold numpy arrays
     images, labels = [], []
     for name in names:
         path = os.path.join(folder, name)
@@ -110,8 +148,9 @@ def _read_batches(folder, names):
 
 def load_cifar10(data_dir, split):
     """(images uint8 N x 3 x 32 x 32, labels int64) of "train" (training images 1024..49999),
-    "val" (training images 0..1023) or "test" (the 10,000 test images), in the official order."""
-    if split not in ("train", "val", "test"):
+    "val" (training images 0..1023) or "test" (the 10,000 test images), in the official order; downloaded
+    into `data_dir` with torchvision when it has none."""
+    if split not in SPLIT_SIZES:
         raise ValueError(f"unknown split {split!r}: use train, val or test")
     folder = os.path.join(data_dir, "cifar-10-batches-py")
     if not os.path.isdir(folder):
@@ -151,14 +190,15 @@ class Batches:
 
     train=True reshuffles every epoch, augments on the device and drops the last partial batch; with
     world_size > 1 each rank takes its shard of the same permutation (same generator seed on all ranks).
+    `offset` is the index of the first image in the split: an attack seeds each batch by it.
     """
 
     def __init__(self, images, labels, batch_size, *, device, train=False, generator=None,
-                 rank=0, world_size=1, channels_last=False):
+                 rank=0, world_size=1, channels_last=False, offset=0):
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size, self.train, self.generator = batch_size, train, generator
-        self.rank, self.world_size, self.channels_last = rank, world_size, channels_last
+        self.rank, self.world_size, self.channels_last, self.offset = rank, world_size, channels_last, offset
 
     def __len__(self):
         if self.train:
@@ -168,7 +208,7 @@ class Batches:
     def after(self, k):
         """The same batches of the images after the first k (an interrupted evaluation continues there)."""
         return Batches(self.images[k:], self.labels[k:], self.batch_size, device=self.images.device,
-                       channels_last=self.channels_last)
+                       channels_last=self.channels_last, offset=self.offset + k)
 
     def _to_float(self, images):
         x = images.float().div_(255)
@@ -185,6 +225,25 @@ class Batches:
         for k in range(len(self)):
             idx = order[k * self.batch_size:(k + 1) * self.batch_size]
             yield self._to_float(augment(self.images[idx], self.generator)), self.labels[idx]
+
+
+def pick_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device here; use --device cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def device_name(device):
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def progress(iterable, desc, disable=False):
+    """A progress bar over `iterable` (tqdm, imported here: the model itself needs torch alone)."""
+    from tqdm import tqdm
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=disable)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -269,14 +328,94 @@ def set_alpha(model, alpha):
 @contextlib.contextmanager
 def alpha_set_to(model, alpha):
     """MeanSparse threshold `alpha` on every module inside the block, the old values after it."""
-    modules = meansparse_modules(model)
-    before = [m.alpha.clone() for m in modules]
+    before = [m.alpha.clone() for m in meansparse_modules(model)]
     set_alpha(model, alpha)
     try:
         yield model
     finally:
-        for m, b in zip(modules, before):
+        for m, b in zip(meansparse_modules(model), before):
             m.alpha.copy_(b)
+
+
+def _layout(t):
+    channels_last = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+class InputLayout(torch.autograd.Function):
+    """The input in the layout of the model's weights (channels_last is faster on CPUs and GPUs); its
+    gradient goes back in the input's own layout, contiguous. Without it a channels_last model hands an NCHW
+    caller a channels_last-strided gradient, and the textbook L2 step `grad.view(n, -1)` fails on it."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.layout = _layout(x)
+        return x.contiguous(memory_format=_layout(weight)).view_as(x) if x.dim() == 4 else x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous(memory_format=ctx.layout), None
+
+
+class RobustNet(nn.Module):
+    """What every architecture shares: [0,1] images normalised inside, the input's layout kept for its
+    gradient, eval batches split on the CPU, save/load with the architecture's description (`arch`: its
+    name in ARCHITECTURES and the arguments ARGS that build it). A subclass builds its layers (the first
+    convolution named conv1), maps normalised images to `logits`, and reads --arch text (`from_text`)."""
+    ARGS = ("num_classes",)
+
+    def __init__(self, name, **args):
+        super().__init__()
+        self.arch, self.meta = {"name": name, **args}, {}
+        self.register_buffer("input_mean", torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_std", torch.tensor(CIFAR10_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        x = InputLayout.apply(x, self.conv1.weight)
+        if x.device.type == "cpu" and not self.training and len(x) > CPU_BATCH:
+            # In eval mode every image is independent of the others, so splitting changes nothing but the
+            # speed: on the CPU small batches are much faster (bench/cpu_eval.py)
+            return torch.cat([self.logits((c - self.input_mean) / self.input_std) for c in x.split(CPU_BATCH)])
+        return self.logits((x - self.input_mean) / self.input_std)
+
+    @staticmethod
+    def check(arch):
+        """What is wrong with a saved description whose arguments are integers (None if nothing)."""
+        return None if arch["num_classes"] == NUM_CLASSES else "not of 10 classes"
+
+    @property
+    def arch_name(self):
+        return arch_label(self.arch)
+
+    def save(self, path, meta=None):
+        """Write weights (float16) and buffers (float32) with metadata, atomically."""
+        self.meta = self.meta if meta is None else dict(meta)
+        params = {name for name, _ in self.named_parameters()}
+        state = {k: (v.detach().half() if k in params else v.detach().float() if v.is_floating_point()
+                     else v.detach()).cpu().contiguous() for k, v in self.state_dict().items()}
+        atomic_save({"format": FILE_FORMAT, "arch": dict(self.arch), "alpha": get_alpha(self), "meta": self.meta,
+                     "state_dict": state}, path)
+
+    def load(self, path, payload=None):
+        """Load a file written by `save` (or a plain state dict) onto this net's device, as float32.
+        `payload`: the file as read_model_file already returned it (saves reading it twice)."""
+        payload = read_model_file(path) if payload is None else payload
+        if payload.get("arch") is not None and normalise_arch(payload["arch"]) != self.arch:
+            raise UserError(f"{path}: holds a {arch_label(payload['arch'])}, this network is a {self.arch_name}; "
+                            f"pass the file as --model-file (which rebuilds its architecture) or retrain")
+        state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+        try:
+            result = self.load_state_dict(state, strict=False)
+        except RuntimeError as e:
+            last = str(e).strip().splitlines()[-1].strip()
+            raise UserError(f"{path}: weights do not fit a {self.arch_name} ({last}); use the file's own "
+                            f"architecture or retrain with --force-train") from None
+        if result.missing_keys or result.unexpected_keys:
+            raise UserError(f"{path}: not a {self.arch_name} with MeanSparse ({len(result.missing_keys)} missing, "
+                            f"{len(result.unexpected_keys)} unexpected entries, e.g. "
+                            f"{(result.missing_keys or result.unexpected_keys)[:3]}); retrain with --force-train")
+        self.meta = dict(payload.get("meta") or {})
+        return self
 
 
 class BasicBlock(nn.Module):
@@ -293,14 +432,12 @@ class BasicBlock(nn.Module):
         self.relu2 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
         self.equal_in_out = in_planes == out_planes and stride == 1
-        self.convShortcut = None if self.equal_in_out else nn.Conv2d(in_planes, out_planes, 1, stride, 0,
-                                                                     bias=False)
+        self.convShortcut = None if self.equal_in_out else nn.Conv2d(in_planes, out_planes, 1, stride, 0, bias=False)
 
     def forward(self, x):
         o = self.relu1(self.sparse1(self.bn1(x)))
         shortcut = x if self.equal_in_out else self.convShortcut(o)
-        out = self.conv2(self.relu2(self.sparse2(self.bn2(self.conv1(o)))))
-        return out + shortcut
+        return self.conv2(self.relu2(self.sparse2(self.bn2(self.conv1(o))))) + shortcut
 
 
 class NetworkBlock(nn.Module):
@@ -313,46 +450,12 @@ class NetworkBlock(nn.Module):
         return self.layer(x)
 
 
-def parse_arch(text):
-    """"28-4" -> (28, 4); depth must be 6n + 4."""
-    try:
-        depth, width = (int(v) for v in str(text).split("-"))
-    except ValueError:
-        raise UserError(f"--arch {text!r}: expected DEPTH-WIDTH such as 28-4") from None
-    if depth < 10 or (depth - 4) % 6 or width < 1:
-        raise UserError(f"--arch {text!r}: depth must be 6n+4 (10, 16, 22, 28, 34, ...) and width >= 1")
-    return depth, width
-
-
-class InputLayout(torch.autograd.Function):
-    """The input in the layout of the model's weights (channels_last is faster on CPUs and GPUs); its
-    gradient goes back in the input's own layout, contiguous. Without it a channels_last model hands an NCHW
-    caller a channels_last-strided gradient, and the textbook L2 step `grad.view(n, -1)` fails on it."""
-
-    @staticmethod
-    def forward(ctx, x, weight):
-        ctx.layout = torch.channels_last if x.dim() == 4 and not x.is_contiguous() and \
-            x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        layout = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) and \
-            not weight.is_contiguous() else torch.contiguous_format
-        return x.contiguous(memory_format=layout).view_as(x) if x.dim() == 4 else x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous(memory_format=ctx.layout), None
-
-
-class WideResNet(nn.Module):
-    """WideResNet (RobustBench names) with a MeanSparse before every ReLU; takes [0,1] images."""
+class WideResNet(RobustNet):
+    """WideResNet (RobustBench names) with a MeanSparse before every ReLU: --arch DEPTH-WIDTH."""
 
     def __init__(self, depth, widen_factor, num_classes=NUM_CLASSES):
-        super().__init__()
-        n = (depth - 4) // 6
-        channels = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
-        self.arch = {"depth": depth, "widen_factor": widen_factor, "num_classes": num_classes}
-        self.meta = {}
-        self.register_buffer("input_mean", torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("input_std", torch.tensor(CIFAR10_STD).view(1, 3, 1, 1), persistent=False)
+        super().__init__("wrn", depth=depth, widen_factor=widen_factor, num_classes=num_classes)
+        n, channels = (depth - 4) // 6, [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.conv1 = nn.Conv2d(3, channels[0], 3, 1, 1, bias=False)
         self.block1 = NetworkBlock(n, channels[0], channels[1], 1)
         self.block2 = NetworkBlock(n, channels[1], channels[2], 2)
@@ -367,58 +470,105 @@ class WideResNet(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x):
-        x = InputLayout.apply(x, self.conv1.weight)
-        if x.device.type == "cpu" and not self.training and len(x) > CPU_BATCH:
-            # In eval mode every image is independent of the others, so splitting changes nothing but the
-            # speed: on the CPU small batches are much faster (bench/cpu_eval.py)
-            return torch.cat([self._forward(chunk) for chunk in x.split(CPU_BATCH)])
-        return self._forward(x)
-
-    def _forward(self, x):
-        out = self.conv1((x - self.input_mean) / self.input_std)
-        out = self.block3(self.block2(self.block1(out)))
-        out = self.relu(self.sparse(self.bn1(out)))
+    def logits(self, x):
+        out = self.relu(self.sparse(self.bn1(self.block3(self.block2(self.block1(self.conv1(x)))))))
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
-    @property
-    def arch_name(self):
-        return f"WRN-{self.arch['depth']}-{self.arch['widen_factor']}"
+    ARGS = ("depth", "widen_factor", "num_classes")
 
-    def save(self, path, meta=None):
-        """Write weights (float16) and buffers (float32) with metadata, atomically."""
-        if meta is not None:
-            self.meta = dict(meta)
-        params = {name for name, _ in self.named_parameters()}
-        state = {k: (v.detach().half() if k in params else v.detach().float() if v.is_floating_point()
-                     else v.detach()).cpu().contiguous()
-                 for k, v in self.state_dict().items()}
-        atomic_save({"format": FILE_FORMAT, "arch": dict(self.arch), "alpha": get_alpha(self),
-                     "meta": self.meta, "state_dict": state}, path)
+    @staticmethod
+    def from_text(text):
+        depth, _, width = text.partition("-")
+        return {"depth": int(depth), "widen_factor": int(width), "num_classes": NUM_CLASSES} \
+            if depth.isdigit() and width.isdigit() else None
 
-    def load(self, path, payload=None):
-        """Load a file written by `save` (or a plain state dict) onto this net's device, as float32.
-        `payload`: the file as read_model_file already returned it (saves reading it twice)."""
-        payload = read_model_file(path) if payload is None else payload
-        arch = payload.get("arch")
-        if arch is not None and dict(arch) != self.arch:
-            raise UserError(f"{path}: holds a WRN-{arch['depth']}-{arch['widen_factor']}, this network is a "
-                            f"{self.arch_name}; pass the file as --model-file (which rebuilds its "
-                            f"architecture) or retrain with --force-train")
-        state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
-        try:
-            result = self.load_state_dict(state, strict=False)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[-1].strip()
-            raise UserError(f"{path}: weights do not fit a {self.arch_name} ({first}); "
-                            f"use the file's own architecture or retrain with --force-train") from None
-        if result.missing_keys or result.unexpected_keys:
-            bad = (result.missing_keys or result.unexpected_keys)[:3]
-            raise UserError(f"{path}: not a {self.arch_name} with MeanSparse ({len(result.missing_keys)} "
-                            f"missing, {len(result.unexpected_keys)} unexpected entries, e.g. {bad}); "
-                            f"retrain with --force-train")
-        self.meta = dict(payload.get("meta") or {})
-        return self
+    @staticmethod
+    def check(arch):
+        if arch["num_classes"] != NUM_CLASSES or arch["depth"] < 10 or (arch["depth"] - 4) % 6 \
+                or arch["widen_factor"] < 1:
+            return "no CIFAR-10 WideResNet: depth must be 6n+4 (10, 16, 22, 28, 34, ...) and width >= 1"
+        return None
+
+    @staticmethod
+    def label(arch):
+        return f"WRN-{arch['depth']}-{arch['widen_factor']}"
+
+
+class PreActBlock(nn.Module):
+    """The block of the fast-adversarial-training PreAct ResNet-18, with a MeanSparse before each ReLU."""
+
+    def __init__(self, in_planes, planes, stride):
+        super().__init__()
+        self.bn1, self.sparse1 = nn.BatchNorm2d(in_planes), MeanSparse(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2, self.sparse2 = nn.BatchNorm2d(planes), MeanSparse(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False) if stride > 1 or in_planes != planes \
+            else None
+
+    def forward(self, x):
+        out = F.relu(self.sparse1(self.bn1(x)))
+        shortcut = x if self.shortcut is None else self.shortcut(out)
+        return self.conv2(F.relu(self.sparse2(self.bn2(self.conv1(out))))) + shortcut
+
+
+class PreActResNet18(RobustNet):
+    """The PreAct ResNet-18 of the fast-adversarial-training literature, a MeanSparse before every ReLU:
+    --arch preact18."""
+
+    def __init__(self, num_classes=NUM_CLASSES):
+        super().__init__("preact18", num_classes=num_classes)
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        widths = (64, 64, 128, 128, 256, 256, 512, 512)
+        self.layers = nn.Sequential(*[PreActBlock(64 if i == 0 else widths[i - 1], w, 2 if i in (2, 4, 6) else 1)
+                                      for i, w in enumerate(widths)])
+        self.bn, self.sparse, self.fc = nn.BatchNorm2d(512), MeanSparse(512), nn.Linear(512, num_classes)
+
+    def logits(self, x):
+        out = F.relu(self.sparse(self.bn(self.layers(self.conv1(x)))))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+    @staticmethod
+    def from_text(text):
+        return {"num_classes": NUM_CLASSES} if text == "preact18" else None
+
+    @staticmethod
+    def label(arch):
+        return "PreAct ResNet-18"
+
+
+ARCHITECTURES = {"wrn": WideResNet, "preact18": PreActResNet18}       # the name in a model file -> the class
+
+
+def normalise_arch(arch):
+    """A saved description with its name: files written before PreAct ResNet-18 hold a WideResNet's without."""
+    return {"name": "wrn", **arch}
+
+
+def arch_problem(arch):
+    """What is wrong with a model file's description of its architecture (None if nothing)."""
+    cls = ARCHITECTURES.get(normalise_arch(arch).get("name")) if isinstance(arch, dict) else None
+    if cls is None or set(normalise_arch(arch)) != {"name", *cls.ARGS} or \
+            not all(type(arch[k]) is int for k in cls.ARGS):
+        return f"its arch {arch!r} is none of {', '.join(ARCHITECTURES)} with its integer arguments"
+    problem = cls.check(arch)
+    return problem and f"its arch {arch} is {problem}"
+
+
+def arch_label(arch):
+    arch = normalise_arch(arch)
+    return ARCHITECTURES[arch["name"]].label(arch)
+
+
+def parse_arch(text):
+    """The description of --arch: "DEPTH-WIDTH" for a WideResNet, or "preact18"."""
+    for name, cls in ARCHITECTURES.items():
+        args = cls.from_text(str(text))
+        if args is not None:
+            if problem := cls.check(args):
+                raise UserError(f"--arch {text!r}: {problem}")
+            return {"name": name, **args}
+    raise UserError(f"--arch {text!r}: expected a WideResNet DEPTH-WIDTH such as 28-4, or preact18")
 
 
 class Net(WideResNet):
@@ -426,20 +576,23 @@ class Net(WideResNet):
     model_file = "models/default_model.pth"
 
     def __init__(self):
-        super().__init__(*parse_arch(DEFAULT_ARCH))
+        super().__init__(*(parse_arch(DEFAULT_ARCH)[k] for k in ("depth", "widen_factor")))
 
     def load_for_testing(self, project_dir="./"):
-        """Load the committed weights and leave the model in eval mode (the platform's entry point), in
-        the channels_last layout, the faster one on CPUs and GPUs; inputs may be in either layout."""
+        """Load the committed weights and leave the model in eval mode (the platform's entry point), in the
+        channels_last layout, faster on CPUs and GPUs; inputs may come in either layout (see InputLayout)."""
         self.load(os.path.join(project_dir, Net.model_file))
         self.to(memory_format=torch.channels_last)
-        self.eval()
-        return self
+        return self.eval()
 
 
 def build_model(arch=DEFAULT_ARCH):
-    depth, width = parse_arch(arch) if isinstance(arch, str) else (arch["depth"], arch["widen_factor"])
-    return Net() if (depth, width) == parse_arch(DEFAULT_ARCH) else WideResNet(depth, width)
+    """The network of `arch` (--arch text or a saved description): Net for Net's own architecture."""
+    arch = parse_arch(arch) if isinstance(arch, str) else normalise_arch(arch)
+    if arch == parse_arch(DEFAULT_ARCH):
+        return Net()
+    cls = ARCHITECTURES[arch["name"]]
+    return cls(**{k: arch[k] for k in cls.ARGS})
 
 
 def atomic_write(path, write):
@@ -467,9 +620,16 @@ def atomic_save(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def _torch_load(path, what):
-    """torch.load(weights_only=True) of a model file or checkpoint; any failure is one line naming the file
-    and what is wrong with it."""
+def keep_previous(path, log):
+    """Copy `path` to <path>.prev before a run first replaces it: a retraining that turns out worse, or a
+    --model-file or --report that named the wrong file, loses nothing. One generation is kept."""
+    with open(path, "rb") as src:
+        atomic_write(path + ".prev", lambda f: shutil.copyfileobj(src, f))
+    log(f"kept the file this run replaces as {path}.prev")
+
+
+def torch_load(path, what):
+    """torch.load(weights_only=True) of a model file or checkpoint; a failure is one line naming the file."""
     if os.path.isdir(path):
         raise UserError(f"{path}: is a directory, not a {what}")
     try:
@@ -479,61 +639,35 @@ def _torch_load(path, what):
     except Exception as e:          # a damaged file can make the unpickler raise almost anything
         with open(path, "rb") as f:
             head = f.read(2)
-        if head == b"PK":               # torch.save's zip archive
-            reason = f"a damaged or truncated torch.save archive ({e.__class__.__name__})"
-        elif head[:1] == b"\x80" and "Weights only load failed" in str(e):
-            reason = "it holds Python objects besides tensors, which this tool does not unpickle"
-        elif head[:1] == b"\x80":        # a pickle (torch's legacy format)
-            reason = f"a damaged pickle ({e.__class__.__name__})"
-        else:
-            reason = "not written by torch.save (a text file, or another format)"
-        raise UserError(f"{path}: not a readable {what}: {reason}") from None
-
-
-def _model_file_problem(payload):
-    """What is wrong with the structure of a loaded model file (None if nothing), checked before any
-    tensor is used."""
-    if not isinstance(payload, dict) or not payload:
-        return f"holds a {type(payload).__name__}, not a dict with a state_dict"
-    state = payload.get("state_dict", payload)
-    if not isinstance(state, dict) or not state:
-        return "its state_dict is not a non-empty dict"
-    for key, value in state.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            return (f"state_dict entry {key!r} is of type {type(value).__name__}, not a tensor" if "state_dict" in
-                    payload else "holds neither a state_dict entry nor only tensors")
-    arch = payload.get("arch")
-    if arch is not None:
-        if (not isinstance(arch, dict) or not all(isinstance(arch.get(k), int) and not isinstance(arch.get(k), bool)
-                                                  for k in ("depth", "widen_factor", "num_classes"))):
-            return f"its arch {arch!r} is not a dict of integers depth, widen_factor, num_classes"
-        if arch["num_classes"] != NUM_CLASSES or arch["depth"] < 10 or (arch["depth"] - 4) % 6 \
-                or arch["widen_factor"] < 1:
-            return f"its arch {arch} is no CIFAR-10 WideResNet (depth 6n+4, width >= 1, 10 classes)"
-    if not isinstance(payload.get("meta") or {}, dict):
-        return f"its meta is a {type(payload['meta']).__name__}, not a dict"
-    return None
+        reason = ("a damaged or truncated torch.save archive" if head == b"PK" else
+                  "it holds Python objects besides tensors" if "Weights only load failed" in str(e) else
+                  "a damaged pickle" if head[:1] == b"\x80" else "not written by torch.save (a text file, or another "
+                                                                 "format)")
+        raise UserError(f"{path}: not a readable {what}: {reason} ({e.__class__.__name__})") from None
 
 
 def read_model_file(path):
     """The payload of a model file as a dict with "state_dict" (a plain state dict is wrapped), its
-    structure checked."""
+    structure checked before any tensor is used."""
     if not os.path.exists(path):
         raise UserError(f"{path}: no such model file; check the path, or train one with "
                         f"./model.py --force-train --model-file {path}")
-    payload = _torch_load(path, "model file")
-    problem = _model_file_problem(payload)
+    payload = torch_load(path, "model file")
+    state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
+    problem = (f"holds a {type(payload).__name__}, not a dict" if state is None else
+               "it has no state_dict of named tensors" if not state or not isinstance(state, dict) or not all(
+                   isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()) else
+               "its meta is not a dict" if not isinstance(payload.get("meta") or {}, dict) else
+               payload.get("arch") is not None and arch_problem(payload["arch"]))
     if problem:
-        raise UserError(f"{path}: not a model file of this tool: {problem}; restore it or retrain with "
-                        f"--force-train")
+        raise UserError(f"{path}: not a model file of this tool: {problem}; restore it or retrain with --force-train")
     return payload if "state_dict" in payload else {"state_dict": payload}
 
 
 def load_model(path, device="cpu"):
-    """Build the architecture recorded in `path` (WRN-28-4 for a plain state dict) and load it."""
+    """Build the architecture recorded in `path` (WRN-28-4 for a plain state dict) and load it, in eval mode."""
     payload = read_model_file(path)
-    model = build_model(payload.get("arch") or DEFAULT_ARCH).to(device)
-    return model.load(path, payload).eval()
+    return build_model(payload.get("arch") or DEFAULT_ARCH).to(device).load(path, payload).eval()
 
 
 def read_json(path):
@@ -557,27 +691,54 @@ def _per_example_norm(t):
     return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
 
 
-def _random_start(x, norm, eps, generator):
-    if norm == "linf":
-        return torch.empty_like(x).uniform_(-eps, eps, generator=generator)
+def _l2_start(x, eps, generator):
     direction = torch.empty_like(x).normal_(generator=generator)
     radius = torch.empty(len(x), device=x.device).uniform_(0, 1, generator=generator)
     radius = eps * radius.pow(1 / x[0].numel()).view(-1, *([1] * (x.dim() - 1)))   # uniform in the ball
     return direction / _per_example_norm(direction) * radius
 
 
-def _ascent_direction(grad, norm):
-    return grad.sign() if norm == "linf" else grad / _per_example_norm(grad)
+@dataclasses.dataclass(frozen=True)
+class Norm:
+    """One threat model: its default radius, the three steps of PGD that depend on it, and its other names."""
+    eps: float                  # default radius, in [0,1] pixel units
+    random_start: object        # (x, eps, generator) -> a random point of the ball around 0
+    ascent: object              # gradient -> the step's direction, of size 1 in this norm
+    project: object             # (delta, eps) -> delta projected onto the ball
+    parse: object               # the type of its --eps-* and --step-* flags
+    autoattack: str             # the norm's name in pyautoattack
+    show: object                # radius -> text
+    plot_eps: tuple             # radii of --plot's accuracy-against-eps panel
+    cpu_seconds: float          # the APGD worst case (100 iterations) per image on a 2-core CPU, measured on the
+                                # first 1,000 test images: results/apgd_{linf,l2}_test1000_alpha0_cpu.json
 
 
-def _project(delta, norm, eps):
-    if norm == "linf":
-        return delta.clamp(-eps, eps)
-    return delta * (eps / _per_example_norm(delta)).clamp(max=1.0)
+NORMS = {
+    "linf": Norm(eps=8 / 255, random_start=lambda x, eps, g: torch.empty_like(x).uniform_(-eps, eps, generator=g),
+                 ascent=torch.sign, project=lambda delta, eps: delta.clamp(-eps, eps), parse=linf_radius,
+                 autoattack="Linf", show=lambda eps: f"{eps * 255:g}/255",
+                 plot_eps=tuple(e / 255 for e in (0, 2, 4, 6, 8, 10, 12, 16)), cpu_seconds=8.5),
+    "l2": Norm(eps=0.5, random_start=_l2_start, ascent=lambda g: g / _per_example_norm(g),
+               project=lambda delta, eps: delta * (eps / _per_example_norm(delta)).clamp(max=1.0),
+               parse=non_negative, autoattack="L2", show="{:g}".format, plot_eps=(0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5),
+               cpu_seconds=10.0),
+}
 
 
 def cross_entropy_sum(logits, y):
     return F.cross_entropy(logits.float(), y, reduction="sum")
+
+
+def _keep_worst(model, x, y, delta, best):
+    """Per example, the worse for the model of the restarts so far and this one: misclassified beats
+    correct, then the higher loss. `best` = [x_adv, loss, wrong], updated in place."""
+    with torch.no_grad():
+        logits = model(x + delta).float()
+        loss = F.cross_entropy(logits, y, reduction="none")
+        wrong = logits.argmax(1) != y
+        better = (wrong & ~best[2]) | ((wrong == best[2]) & (loss > best[1]))
+        best[0][better] = (x + delta)[better]
+        best[1:] = torch.where(better, loss, best[1]), best[2] | wrong
 
 
 def pgd(model, x, y, *, norm, eps, step_size, steps, restarts=1, random_start=True, generator=None,
@@ -588,33 +749,25 @@ def pgd(model, x, y, *, norm, eps, step_size, steps, restarts=1, random_start=Tr
     (misclassified beats correct, then higher loss). The model's mode and its weights' .grad are left as
     found; `generator` (on x's device) drives the random start.
     """
-    if norm not in ("linf", "l2"):
-        raise ValueError(f"unknown norm {norm!r}: use linf or l2")
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}: use one of {', '.join(NORMS)}")
     if eps < 0 or step_size < 0 or steps < 0 or restarts < 1:
         raise ValueError("pgd needs eps >= 0, step_size >= 0, steps >= 0 and restarts >= 1")
-    x = x.detach()
-    best = x.clone()
-    best_loss = torch.full((len(x),), -math.inf, device=x.device)
-    best_wrong = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    ball, x = NORMS[norm], x.detach()
+    best = [x.clone(), torch.full((len(x),), -math.inf, device=x.device),
+            torch.zeros(len(x), dtype=torch.bool, device=x.device)]
     for _ in range(restarts):
-        delta = _random_start(x, norm, eps, generator) if random_start and eps > 0 else torch.zeros_like(x)
+        delta = ball.random_start(x, eps, generator) if random_start and eps > 0 else torch.zeros_like(x)
         delta = (x + delta).clamp(0, 1) - x
         for _ in range(steps):
             delta.requires_grad_(True)
             grad, = torch.autograd.grad(loss_fn(model(x + delta), y), delta)
-            delta = _project(delta.detach() + step_size * _ascent_direction(grad, norm), norm, eps)
+            delta = ball.project(delta.detach() + step_size * ball.ascent(grad), eps)
             delta = (x + delta).clamp(0, 1) - x
         if restarts == 1:
             return (x + delta).detach()
-        with torch.no_grad():
-            logits = model(x + delta).float()
-            loss = F.cross_entropy(logits, y, reduction="none")
-            wrong = logits.argmax(1) != y
-            better = (wrong & ~best_wrong) | ((wrong == best_wrong) & (loss > best_loss))
-            best[better] = (x + delta)[better]
-            best_loss = torch.where(better, loss, best_loss)
-            best_wrong |= wrong
-    return best.detach()
+        _keep_worst(model, x, y, delta, best)
+    return best[0].detach()
 
 
 def import_pyautoattack():
@@ -632,8 +785,7 @@ def apgd(model, x, y, *, loss, norm, eps, iters, seed, crafted_at_alpha=None):
     BPDA, at threshold `crafted_at_alpha` if given (a transfer attack). The global RNG, which APGD seeds,
     is left as found."""
     pyautoattack = import_pyautoattack()
-    norm_name = {"linf": "Linf", "l2": "L2"}[norm]
-    common = dict(n_iter=iters, norm=norm_name, n_restarts=1, eps=eps, seed=seed, device=x.device)
+    common = dict(n_iter=iters, norm=NORMS[norm].autoattack, n_restarts=1, eps=eps, seed=seed, device=x.device)
     if loss == "targeted":
         attack = pyautoattack.autopgd_base.APGDAttack_targeted(model, n_target_classes=NUM_CLASSES - 1, **common)
     else:
@@ -648,92 +800,355 @@ APGD_COMPONENTS = {"apgd-ce": ("ce", None), "apgd-dlr": ("dlr", None), "apgd-ce-
                    "apgd-t": ("targeted", None)}
 ADAPTIVE = ("apgd-ce", "apgd-ce-transfer", "apgd-t")      # the adaptive evaluation: an image must survive all
 CASCADED = ("apgd-t",)      # nine runs in one: attacks only the images the components before it left correct
+SELECT_ATTACKS = ("apgd-ce", "apgd-dlr")    # the training's weight-selection check: cheaper than APGD-T
 
 
-def percent(correct):
+def correct(model, x, y):
+    """Per image: does the model's own forward pass (the mask, not BPDA) classify it correctly?"""
+    with torch.inference_mode():
+        return model(x).argmax(1) == y
+
+
+def percent(outcomes):
     """Accuracy (%) from per-image outcomes (bool tensor), exact: integer count over images."""
-    return 100.0 * int(correct.sum()) / max(len(correct), 1)
+    return 100.0 * int(outcomes.sum()) / max(len(outcomes), 1)
 
 
-def apgd_robust(model, batches, components, *, norm, eps, iters, seed, verbose=True, done=None, on_batch=None):
-    """Per image of `batches`: is it still classified correctly after every one of `components` (APGD
-    attacks, see APGD_COMPONENTS)? The worst case per image, judged by the model's own forward pass (the
-    mask, not BPDA). Returns (robust bool tensor, stats): stats holds the clean accuracy, each component's
-    own accuracy, and for a cascaded component (APGD-T, like AutoAttack's) the images it attacked and broke;
-    it cannot change the worst case on the images others broke, and would cost up to twice as much there.
-    Its progress (per-image record and counts of the batches finished) goes to `on_batch` after every
-    batch; `done=` that progress continues it, `batches` then holding the images after those."""
-    progress = copy.deepcopy(done) if done else {
-        "per_image": "", "clean": 0,
-        "components": {name: {"correct": 0, "seconds": 0.0, "attacked": 0, "broke": 0} for name in components}}
-    for x, y in tqdm(batches, desc=f"APGD {norm}", leave=False, disable=not verbose):
-        with torch.no_grad():
-            alive = model(x).argmax(1) == y
-        clean, counts = int(alive.sum()), {}
-        for name in components:
-            t0 = time.perf_counter()
-            loss, alpha = APGD_COMPONENTS[name]
-            idx = (alive if name in CASCADED else torch.ones_like(alive)).nonzero().flatten()
-            correct = torch.zeros_like(alive)
-            if len(idx):
-                x_adv = apgd(model, x[idx], y[idx], loss=loss, norm=norm, eps=eps, iters=iters, seed=seed,
-                             crafted_at_alpha=alpha)
-                with torch.no_grad():
-                    correct[idx] = model(x_adv).argmax(1) == y[idx]
-            counts[name] = {"correct": int(correct.sum()), "attacked": len(idx),
-                            "broke": int((alive & ~correct).sum()), "seconds": time.perf_counter() - t0}
-            alive &= correct
-        # a batch counts once it is finished: an interrupted run continues after the last one on_batch saw
-        progress["clean"] += clean
-        for name, batch_counts in counts.items():
-            for key, value in batch_counts.items():
-                progress["components"][name][key] += value
-        progress["per_image"] += per_image_string(alive.cpu())
-        if on_batch:
-            on_batch(copy.deepcopy(progress))   # a snapshot: the next batch goes on changing `progress`
-    robust = per_image_bools(progress["per_image"])
-    n = max(len(robust), 1)
-    stats = {"clean": 100.0 * progress["clean"] / n,
-             **{name: {"accuracy": None if name in CASCADED else 100.0 * c["correct"] / n,
-                       "seconds": round(c["seconds"], 2), "attacked": c["attacked"], "broke": c["broke"]}
-                for name, c in progress["components"].items()}}
-    return robust, stats
+def per_image_string(outcomes):
+    """A report's record of which images an attack left correct: "1" (correct) or "0" per image, in the
+    split's order. Two reports are compared image by image with it (bench/compare.py): a paired
+    difference has a far smaller standard error than two accuracies side by side."""
+    return "".join("1" if c else "0" for c in outcomes.tolist())
 
 
-SELECT_ATTACKS = ("apgd-ce", "apgd-dlr")    # the weight-selection check: cheaper than ADAPTIVE's APGD-T
+def per_image_bools(record):
+    return torch.tensor([c == "1" for c in record], dtype=torch.bool)
+
+
+def apgd_batch(model, x, y, components, *, norm, eps, iters, seed):
+    """Per image of a batch: is it still correct after every one of `components` (APGD_COMPONENTS)? Returns
+    (bools, counts): the clean count, and per component the images it left correct, attacked and broke,
+    and its seconds. A cascaded component (APGD-T, as in AutoAttack) attacks only the images the others left:
+    it cannot change the worst case elsewhere, where it would cost up to twice as much."""
+    alive = correct(model, x, y)
+    counts = {"clean": int(alive.sum()), "components": {}}
+    for name in components:
+        t0, (loss, alpha) = time.perf_counter(), APGD_COMPONENTS[name]
+        idx = (alive if name in CASCADED else torch.ones_like(alive)).nonzero().flatten()
+        survived = torch.zeros_like(alive)
+        if len(idx):
+            x_adv = apgd(model, x[idx], y[idx], loss=loss, norm=norm, eps=eps, iters=iters, seed=seed,
+                         crafted_at_alpha=alpha)
+            survived[idx] = correct(model, x_adv, y[idx])
+        counts["components"][name] = {"correct": int(survived.sum()), "attacked": len(idx),
+                                      "broke": int((alive & ~survived).sum()), "seconds": time.perf_counter() - t0}
+        alive = alive & survived
+    return alive, counts
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackOptions:
+    """What the attacks read: radius and PGD step per norm (no step: eps / 4), PGD steps and restarts, APGD
+    iterations, the seed of the random starts, and where AutoAttack's progress lines go."""
+    eps: dict = dataclasses.field(default_factory=lambda: {name: norm.eps for name, norm in NORMS.items()})
+    step: dict = dataclasses.field(default_factory=dict)
+    steps: int = EVAL_STEPS
+    restarts: int = 1
+    apgd_iters: int = APGD_ITERS
+    seed: int = 0
+    log: object = print
+
+    def at(self, norm, eps, **changes):
+        """The same options with radius `eps` for `norm`, its step eps / 4."""
+        return dataclasses.replace(self, eps={**self.eps, norm: eps}, step={**self.step, norm: None}, **changes)
+
+
+class Attack:
+    """A row of --eval: its settings (kept in the report, compared by --resume), and `batch`, which measures
+    one batch: per-image correctness and counts that add up over batches, turned into figures by `details`.
+    This base is the natural accuracy."""
+
+    def __init__(self, model, opts):
+        self.model, self.opts, self.settings = model, opts, {}
+
+    def batch(self, x, y, start):
+        return correct(self.model, x, y), {}
+
+    def details(self, counts, n):
+        return {}
+
+    def cpu_seconds(self):
+        """Seconds per image on a 2-core CPU, where they matter (the note before long work)."""
+        return 0.0
+
+
+class PGDAttack(Attack):
+    """PGD of `norm`, optionally under BPDA, optionally crafted at MeanSparse threshold `craft_alpha` and
+    judged at the model's own (a transfer attack). A batch's random starts come from a generator seeded by
+    the seed and the batch's first image: a row continued after an interruption draws what an uninterrupted
+    one would."""
+
+    def __init__(self, model, opts, *, norm, use_bpda=False, craft_alpha=None):
+        super().__init__(model, opts)
+        eps = opts.eps[norm]
+        self.settings = {"norm": norm, "eps": eps, "step_size": opts.step.get(norm) or eps / 4, "steps": opts.steps,
+                         "restarts": opts.restarts, "bpda": use_bpda, "crafted_at_alpha": craft_alpha}
+
+    def batch(self, x, y, start):
+        s, craft = self.settings, self.settings["crafted_at_alpha"]
+        generator = torch.Generator(x.device).manual_seed(self.opts.seed * 1_000_003 + start)
+        with bpda(self.model) if s["bpda"] else contextlib.nullcontext(), \
+                alpha_set_to(self.model, craft) if craft is not None else contextlib.nullcontext():
+            x_adv = pgd(self.model, x, y, norm=s["norm"], eps=s["eps"], step_size=s["step_size"], steps=s["steps"],
+                        restarts=s["restarts"], generator=generator)
+        return correct(self.model, x_adv, y), {}
+
+
+class AdaptiveAttack(Attack):
+    """The adaptive evaluation (apgd-*): APGD-CE and APGD-T under BPDA, and APGD-CE crafted with MeanSparse
+    off (at alpha > 0); an image counts as robust only if it survives all of them. The training's weight
+    selection runs other `components`, with fewer `iters`."""
+
+    def __init__(self, model, opts, *, norm, components=None, iters=None):
+        super().__init__(model, opts)
+        self.version, self.components = getattr(import_pyautoattack(), "__version__", "unknown"), components
+        self.settings = {"norm": norm, "eps": opts.eps[norm], "iters": iters or opts.apgd_iters, "restarts": 1,
+                         "bpda": True}
+
+    def batch(self, x, y, start):
+        # at alpha 0 MeanSparse is off anyway: the transfer attack would be APGD-CE once more
+        components = self.components or tuple(c for c in ADAPTIVE if get_alpha(self.model) or c != "apgd-ce-transfer")
+        return apgd_batch(self.model, x, y, components, norm=self.settings["norm"], eps=self.settings["eps"],
+                          iters=self.settings["iters"], seed=self.opts.seed)
+
+    def details(self, counts, n):
+        components = {name: {"accuracy": None if name in CASCADED else 100.0 * c["correct"] / n,
+                             "seconds": round(c["seconds"], 2), "attacked": c["attacked"], "broke": c["broke"]}
+                      for name, c in counts.get("components", {}).items()}
+        return {"clean": 100.0 * counts.get("clean", 0) / n, "components": components, "pyautoattack": self.version}
+
+    def cpu_seconds(self):
+        return NORMS[self.settings["norm"]].cpu_seconds * self.settings["iters"] / APGD_ITERS
+
+
+class _LogLines(logging.Handler):
+    """Shows AutoAttack's progress lines as they come, and keeps them for the report."""
+
+    def __init__(self, log):
+        super().__init__(logging.DEBUG)
+        self.log, self.lines = log, []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+        self.log(f"  autoattack: {record.getMessage()}")
+
+
+class AutoAttack(Attack):
+    """Standard AutoAttack (aa-*: APGD-CE, APGD-T, FAB-T and Square of the official pyautoattack) under BPDA,
+    judged by the model's own forward pass; its progress lines are shown as they come and kept."""
+
+    def __init__(self, model, opts, *, norm):
+        super().__init__(model, opts)
+        self.version = getattr(import_pyautoattack(), "__version__", "unknown")
+        self.settings = {"norm": norm, "eps": opts.eps[norm], "version": "standard", "bpda": True}
+
+    def batch(self, x, y, start):
+        adversary = import_pyautoattack().AutoAttack(self.model, norm=NORMS[self.settings["norm"]].autoattack,
+                                                     eps=self.settings["eps"], version="standard",
+                                                     seed=self.opts.seed, device=x.device)
+        logger, handler = logging.getLogger("auto-attack"), _LogLines(self.opts.log)
+        level = logger.level
+        logger.setLevel(logging.DEBUG)          # its progress lines are DEBUG records
+        logger.addHandler(handler)
+        try:
+            with bpda(self.model):
+                x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(y))
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+        return correct(self.model, x_adv, y), {"log": handler.lines}
+
+    def details(self, counts, n):
+        return {"pyautoattack": self.version, "log": counts.get("log", [])}
+
+    def cpu_seconds(self):
+        return NORMS[self.settings["norm"]].cpu_seconds
+
+
+# The rows of --eval: name -> the attack that measures it. A norm added to NORMS gets its rows here.
+ROW_KINDS = {"pgd": (PGDAttack, {}), "bpda": (PGDAttack, {"use_bpda": True}),
+             "transfer": (PGDAttack, {"craft_alpha": 0.0}), "apgd": (AdaptiveAttack, {}), "aa": (AutoAttack, {})}
+ATTACKS = {"natural": Attack, **{f"{kind}-{norm}": functools.partial(cls, norm=norm, **kw)
+                                 for kind, (cls, kw) in ROW_KINDS.items() for norm in NORMS}}
+
+
+def add_counts(total, counts):
+    """One batch's counts added into a row's: numbers add up, lists extend, dicts add key by key."""
+    for key, value in counts.items():
+        if isinstance(value, dict):
+            add_counts(total.setdefault(key, {}), value)
+        else:
+            total[key] = total.get(key, [] if isinstance(value, list) else 0) + value
+
+
+def measure(attack, batches, *, desc, done=None, save=None, verbose=True):
+    """The row of `attack` on `batches`: accuracy, images, seconds, settings, the per-image record and the
+    attack's details. `done`: an unfinished row of the same attack, continued after its last batch;
+    `save(row)` gets the unfinished row after every batch, so that a killed run loses one batch at most."""
+    n = len(batches.labels)
+    row = copy.deepcopy(done) if done else {"complete": False, "n": n, **attack.settings, "n_done": 0,
+                                            "per_image": "", "counts": {}, "seconds": 0.0,
+                                            "device": batches.images.device.type}
+    rest, t0 = batches.after(row["n_done"]), time.perf_counter() - row["seconds"]
+    for i, (x, y) in enumerate(progress(rest, desc, disable=not verbose)):
+        outcomes, counts = attack.batch(x, y, rest.offset + i * rest.batch_size)
+        row["per_image"] += per_image_string(outcomes.cpu())
+        add_counts(row["counts"], counts)
+        row.update(n_done=len(row["per_image"]), seconds=round(time.perf_counter() - t0, 2),
+                   accuracy_so_far=100.0 * row["per_image"].count("1") / len(row["per_image"]))
+        if save:
+            save(row)
+    kept = {k: v for k, v in row.items() if k not in ("complete", "n_done", "accuracy_so_far", "counts", "device")}
+    return {"accuracy": percent(per_image_bools(row["per_image"])), **kept, **attack.details(row["counts"], n)}
+
+
+def accuracy(model, batches, name, opts, desc=None, verbose=True):
+    """Accuracy (%) of `model` on `batches` under the row `name` of ATTACKS."""
+    return measure(ATTACKS[name](model, opts), batches, desc=desc or name, verbose=verbose)["accuracy"]
+
+
+class Report:
+    """Rows measured on one set of images, kept in a JSON file (if `path`) that is rewritten atomically
+    after every batch, with the sha256 of the model file measured: an interrupted or killed run keeps its
+    finished rows and batches, and the next run of the same settings continues them (`open`, `row`).
+    Evaluation and calibration keep theirs so."""
+
+    def __init__(self, path, header, rows=None, model_file=None):
+        self.path, self.model_file, self.finished = path, model_file, False
+        self.data = {**header, "complete": False, "results": dict(rows or {})}
+        self.rows = self.data["results"]
+
+    @classmethod
+    def open(cls, path, header, key, log, *, required=False, model_file=None):
+        """The report at `path`, continued if its file was made with the same `key` fields of `header` (the
+        same model, images and seed), else new: a file of other settings is kept as .prev. `required`
+        (--resume): there must be one to continue."""
+        saved = read_json(path) if path and os.path.isfile(path) else None
+        differ = [k for k in key if not isinstance(saved, dict) or saved.get(k) != header[k]]
+        if not differ and isinstance(saved.get("results"), dict):
+            log(f"continuing {path}: {', '.join(saved['results']) or 'nothing finished yet'}")
+            return cls(path, {**header, "resumed": saved.get("resumed", []) + [saved.get("command")]},
+                       saved["results"], model_file)
+        there = f"{', '.join(f'{k} {saved.get(k)}' for k in differ)} there" if isinstance(saved, dict) else "unreadable"
+        if required:
+            raise UserError(f"--resume: no report {path} to continue" if saved is None else f"--resume: {path} "
+                            f"was made with other settings ({there}); repeat its own command, or drop --resume")
+        if path and os.path.isfile(path):
+            log(f"note: {path} was made with other settings ({there}): starting afresh; it may hold hours of "
+                f"work, so it is kept as {path}.prev (to continue it instead, rename it back and repeat its settings)")
+            keep_previous(path, lambda line: None)
+        return cls(path, header, {}, model_file)
+
+    def row(self, name, attack, batches, log=print, verbose=True):
+        """Row `name` of `attack`: kept if this report has it finished with the same settings, continued if
+        it has it unfinished (same settings and kind of device), else measured."""
+        old, why = self.reusable(name, attack, len(batches.labels), batches.images.device.type)
+        if why:
+            log(f"{name}: {why}; measuring it again")
+        elif old is not None and old.get("complete", True):
+            log(f"{name}: kept from {self.path}")
+            return old
+        elif old is not None:
+            log(f"{name}: continuing after the first {old['n_done']} of {old['n']} images")
+        self.save(name, measure(attack, batches, desc=name, done=old, save=functools.partial(self.save, name),
+                                verbose=verbose))
+        return self.rows[name]
+
+    def reusable(self, name, attack, n, device_type):
+        """(the row `name` to keep or continue, None), or (None, why it cannot be; None if there is none)."""
+        old = self.rows.get(name)
+        if old is None:
+            return None, None
+        if not isinstance(old, dict) or old.get("n") != n or any(old.get(k) != v for k, v in attack.settings.items()):
+            return None, "the report's row was made with other settings"
+        record, complete = old.get("per_image"), old.get("complete", True)
+        if not isinstance(record, str) or set(record) - {"0", "1"} or len(record) > n or complete and len(record) < n:
+            return None, "the report's row has no readable per-image record"
+        if not complete and (old.get("device") != device_type or not isinstance(old.get("counts"), dict)):
+            return None, "the report's row was stopped on another kind of device, whose random starts differ"
+        return (old if complete else {**old, "n_done": len(record), "seconds": float(old.get("seconds", 0))}), None
+
+    def save(self, name=None, row=None, finished=False):
+        """Write the file, with `row` as row `name`; `finished`: this run has measured all it will."""
+        if name is not None:
+            self.rows[name] = row
+        self.finished = self.finished or finished
+        self.data["complete"] = self.finished and all(r.get("complete", True) for r in self.rows.values())
+        if self.path:
+            data = {**self.data, "model_sha256": file_sha256(self.model_file)} if self.model_file else self.data
+            atomic_write(self.path, lambda f: f.write(json.dumps(data, indent=2).encode()))
 
 
 # ----------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------
+def arch_flag(text):
+    """--arch's type: the text, once parse_arch accepts it."""
+    try:
+        parse_arch(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+    return text
+
+
+def option(default, help, *, type=None, flag=None, group="train", shown=None, metavar=None):
+    """A TrainConfig field that is also a flag: its one default, its help and how to parse it (the CLI
+    builds the flag from this; `shown` replaces the default in the help)."""
+    return dataclasses.field(default=default, metadata={"help": help, "type": type, "flag": flag, "group": group,
+                                                        "shown": shown, "metavar": metavar})
+
+
 @dataclasses.dataclass
 class TrainConfig:
-    arch: str = DEFAULT_ARCH
-    epochs: int = None              # fixed length; None: set by time_budget
-    time_budget: float = None       # minutes for the whole schedule (validation and checkpoints included)
-    batch_size: int = 512           # global batch (split across DDP ranks)
-    lr: float = 0.2                 # peak of the one-cycle schedule
-    warmup_epochs: float = 2.0      # linear warm-up, then linear decay to 0
+    """A training run's settings. The fields with a help text are flags of the CLI, with these defaults."""
+    arch: str = option(DEFAULT_ARCH, "architecture to train: WideResNet DEPTH-WIDTH or preact18 (Net() is 28-4)",
+                       type=arch_flag)
+    epochs: int = option(30, "training epochs", type=positive_int, flag=("-e", "--num-epochs"),
+                         shown="30, or as many as --time-budget allows")
+    time_budget: float = option(None, "fix the number of epochs so that the whole schedule ends within this time",
+                                type=positive, shown="none", metavar="MINUTES")
+    batch_size: int = option(512, "training batch, over all processes", type=positive_int)
+    lr: float = option(0.2, "peak learning rate of the one-cycle schedule", type=non_negative)
+    warmup_epochs: float = option(2.0, "linear learning-rate warm-up, then linear decay to 0", type=non_negative,
+                                  metavar="EPOCHS")
     momentum: float = 0.9
     weight_decay: float = 5e-4      # not on BatchNorm weights or biases
-    label_smoothing: float = 0.0
-    eps: float = EPS_LINF           # L-inf radius of the training attack
-    attack_steps: int = 5           # K
-    attack_step_size: float = None  # at the full eps (scaled with it during the ramp); None: 2.5 * eps / K
-    eps_ramp: float = 0.0           # eps rises linearly from 0 over this fraction of the run; 0: no ramp
-    trades: float = None            # TRADES beta; None: plain PGD-AT (cross-entropy on adversarial batch)
-    awp: float = None               # AWP gamma (weight perturbation relative to each layer's norm); None: off
-    awp_warmup: float = 0.0         # epochs without AWP at the start
-    ema: float = None               # EMA decay; None: no EMA
-    ema_start: float = 0.0          # fraction of the run before which the EMA just copies the weights
-    select_from: float = None       # fraction of the run from which validation APGD picks the weights kept;
-                                    # None: the better of final and EMA weights by validation PGD-10
-    select_n: int = SELECT_IMAGES   # validation images of each APGD check
+    label_smoothing: float = option(0.0, "label smoothing of the training loss", type=below_one, metavar="S")
+    eps: float = NORMS["linf"].eps  # L-inf radius of the training attack (--eps-linf)
+    attack_steps: int = option(5, "PGD steps K of the training attack (0: no attack)", type=non_negative_int,
+                               flag=("--train-steps",), metavar="K")
+    attack_step_size: float = option(None, "step of the training attack at the full eps", type=linf_radius,
+                                     flag=("--train-step-size",), shown="2.5 eps/K", metavar="SIZE")
+    eps_ramp: float = option(0.0, "the training eps rises linearly from 0 over this fraction of the run",
+                             type=run_fraction, shown="0: none", metavar="F")
+    trades: float = option(None, "TRADES with this beta instead of PGD-AT", type=non_negative, shown="off",
+                           metavar="BETA")
+    awp: float = option(None, "adversarial weight perturbation of relative size GAMMA, e.g. 5e-3",
+                        type=non_negative, shown="off", metavar="GAMMA")
+    awp_warmup: float = option(0.0, "epochs without AWP at the start", type=non_negative, metavar="EPOCHS")
+    ema: float = option(None, "EMA of the weights with this decay", type=decay, shown="off", metavar="DECAY")
+    ema_start: float = option(0.0, "the EMA starts at this fraction of the run, copying the weights before",
+                              type=run_fraction, metavar="F")
+    select_from: float = option(None, "from this fraction of the run on, keep the weights (live or EMA) with the "
+                                "best validation APGD check", type=run_fraction, metavar="F",
+                                shown="off: the better of final and EMA weights by PGD-10")
+    select_n: int = option(SELECT_IMAGES, "validation images of each APGD check", type=positive_int, metavar="N")
     select_iters: int = SELECT_ITERS
-    val_every: int = 5              # epochs between validation checks
-    n_train: int = None             # first N training images (smoke runs)
-    seed: int = 0
-    compile: bool = False
+    val_every: int = option(5, "epochs between validation checks", type=positive_int, metavar="EPOCHS")
+    n_train: int = option(None, "the first N training images, for training and statistics: a smoke run",
+                          type=positive_int, group="data", shown="all", metavar="N")
+    seed: int = option(0, "initial weights, data order, attack random starts", type=integer, group="data")
+    compile: bool = option(False, "torch.compile the model for training", type=bool)
 
 
 def lr_at(epoch_progress, total_epochs, cfg):
@@ -783,9 +1198,18 @@ def kl_sum(logits, p_clean):
 
 def distributed_context():
     """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) for a plain run."""
-    if "RANK" not in os.environ:
+    env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    if env["RANK"] is None and env["WORLD_SIZE"] is None:
         return 0, 1, 0
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    try:
+        rank, world_size, local_rank = int(env["RANK"] or 0), int(env["WORLD_SIZE"] or 1), int(env["LOCAL_RANK"] or 0)
+    except ValueError:
+        raise UserError(f"RANK={env['RANK']}, WORLD_SIZE={env['WORLD_SIZE']}: not integers; start several "
+                        f"training processes with torchrun --nproc_per_node=N model.py --force-train ...") from None
+    if world_size > 1 and "MASTER_ADDR" not in os.environ or not 0 <= rank < max(world_size, 1):
+        raise UserError(f"RANK={rank}, WORLD_SIZE={world_size} without torchrun's other settings (MASTER_ADDR): "
+                        f"start several processes with torchrun --nproc_per_node=N, or unset them")
+    return rank, world_size, local_rank
 
 
 def autocast_for(device):
@@ -862,29 +1286,28 @@ def train_step(model, core, x, y, cfg, optimizer, noise_generator, *, eps, awp_w
     return loss.detach() * len(y), (logits.argmax(1) == y).sum()
 
 
-def validate(model, val_batches, eps=EPS_LINF, steps=VAL_PGD_STEPS, seed=0):
-    """(clean %, PGD-`steps` L-inf %) on the validation batches, float32, eval mode."""
+def validate(model, val_batches, cfg):
+    """(clean %, PGD-10 L-inf %) of `model` on the validation batches."""
     model.eval()
-    gen = torch.Generator(val_batches.images.device).manual_seed(seed)
-    clean = evaluate(model, val_batches, desc="val clean")
-    robust = evaluate(model, val_batches, make_pgd("linf", eps, eps / 4, steps, generator=gen),
-                      desc=f"val PGD-{steps}")
-    return clean, robust
+    opts = AttackOptions(eps={"linf": cfg.eps}, steps=VAL_PGD_STEPS, seed=cfg.seed)
+    return (accuracy(model, val_batches, "natural", opts, desc="val clean"),
+            accuracy(model, val_batches, "pgd-linf", opts, desc=f"val PGD-{VAL_PGD_STEPS}"))
 
 
 def apgd_check(model, batches, cfg):
     """(robust %, clean %) of `model` under the weight-selection check: APGD-CE and untargeted APGD-DLR,
     cfg.select_iters iterations each, the per-image worst case."""
     model.eval()
-    robust, stats = apgd_robust(model, batches, SELECT_ATTACKS, norm="linf", eps=cfg.eps,
-                                iters=cfg.select_iters, seed=cfg.seed, verbose=False)
-    return percent(robust), stats["clean"]
+    attack = AdaptiveAttack(model, AttackOptions(eps={"linf": cfg.eps}, seed=cfg.seed), norm="linf",
+                            components=SELECT_ATTACKS, iters=cfg.select_iters)
+    row = measure(attack, batches, desc="APGD check", verbose=False)
+    return row["accuracy"], row["clean"]
 
 
 def budget_epochs(cfg, epoch, per_epoch, spent, val_seconds, device, world_size):
-    """Total epochs such that the whole schedule ends within cfg.time_budget minutes, given the seconds
-    one epoch takes once warmed up, the seconds spent so far and the cost of one validation check (the
-    final EMA validation included when there is one)."""
+    """Total epochs such that the whole schedule ends within cfg.time_budget minutes, from the seconds an
+    epoch takes once warmed up, the seconds spent and the cost of a validation check (the final EMA
+    validation included when there is one)."""
     per_epoch += val_seconds / cfg.val_every
     remaining = cfg.time_budget * 60 - spent - (val_seconds if cfg.ema and cfg.select_from is None else 0)
     fit = epoch + int(0.97 * remaining / per_epoch)
@@ -896,286 +1319,32 @@ def budget_epochs(cfg, epoch, per_epoch, spent, val_seconds, device, world_size)
     return total
 
 
-def unfinished_run(checkpoint_path):
-    """Why a run that starts over must not write `checkpoint_path`, or None: starting over would overwrite an
-    unfinished run's checkpoint after one epoch, maybe hours of training lost to a forgotten --resume."""
-    if not os.path.isfile(checkpoint_path):
-        return None
-    written = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(checkpoint_path)))
-    return (f"{checkpoint_path} holds an unfinished training run (written {written}): add --resume to continue "
-            f"it, or delete it to start over")
-
-
-def save_checkpoint(state, path):
-    atomic_save(state, path)
-
-
-def _rng_states(data_gen, noise_gen):
-    return {"data": data_gen.get_state(), "noise": noise_gen.get_state(), "torch": torch.get_rng_state()}
-
-
-@dataclasses.dataclass
-class _Run:
-    """What a training run carries from epoch to epoch (its checkpoint adds the model, optimizer, EMA and
-    random states). `best` describes the best weights the APGD checks have seen, `best_state` holds them."""
-    total_epochs: int = None
-    epoch: int = 0
-    history: list = dataclasses.field(default_factory=list)
-    elapsed: float = 0.0
-    best: dict = None
-    best_state: dict = None
-
-
 CHECKPOINT_KEYS = ("epoch", "total_epochs", "config", "model", "optimizer", "ema", "ema_updates", "rng",
                    "history", "elapsed", "best", "best_state")
 
 
-def train(model, train_set, val_set, cfg, *, device, checkpoint_path, resume=False, log=print):
-    """Adversarial training of `model` (in place) on train_set = (images, labels).
-
-    Writes `checkpoint_path` atomically after every epoch; resume=True continues from it and gives the
-    same result as an uninterrupted run; without it, an existing checkpoint is a UserError, never replaced.
-    Returns (model to keep, info dict). Under torchrun every rank calls this; rank 0 alone logs, validates
-    and writes. MeanSparse is bypassed (alpha is 0 until calibration anyway).
-    """
-    with bypassed(model):
-        return _train(model, train_set, val_set, cfg, device=device, checkpoint_path=checkpoint_path,
-                      resume=resume, log=log)
+def save_checkpoint(checkpoint, path):
+    atomic_save(checkpoint, path)
 
 
-def _train(model, train_set, val_set, cfg, *, device, checkpoint_path, resume, log):
-    rank, world_size, _ = distributed_context()
-    master = rank == 0
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    channels_last = device.type == "cuda"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    if cfg.batch_size % world_size:
-        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {world_size} processes")
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    noise_gen = torch.Generator(device).manual_seed(cfg.seed + 1 + rank)
-    batches, val_batches, select_batches = _training_batches(train_set, val_set, cfg, device, data_gen, rank,
-                                                             world_size, channels_last)
-    optimizer = _sgd(model, cfg)
-    ema = EMA(model, cfg.ema) if cfg.ema else None
-    run = _Run(total_epochs=cfg.epochs)
-    if resume:
-        _restore(checkpoint_path, cfg, model, optimizer, ema, data_gen, noise_gen, run)
-        if master:
-            log(f"resuming {checkpoint_path} after epoch {run.epoch} of {run.total_epochs}")
-    elif problem := unfinished_run(checkpoint_path):
-        raise UserError(problem)
-
-    ddp_model = model
-    if world_size > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                        else None)
-    core = model
-    if cfg.compile:
-        ddp_model, core = torch.compile(ddp_model), torch.compile(model)
-    awp_weights = ([m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-                   if cfg.awp else None)
-    step_objects = dict(net=model, model=ddp_model, core=core, optimizer=optimizer, ema=ema, noise_gen=noise_gen,
-                        awp_weights=awp_weights, world_size=world_size)
-    t_start = time.perf_counter() - run.elapsed
-    first = True
-    while run.total_epochs is None or run.epoch < run.total_epochs:
-        record, per_epoch = _train_epoch(run, batches, cfg, master=master, first=first, log=log, **step_objects)
-        first = False
-        run.epoch += 1
-        if master and (run.total_epochs is None or run.epoch % cfg.val_every == 0
-                       or run.epoch == run.total_epochs):
-            tv = time.perf_counter()
-            record.update(_validate(run, model, ema, val_batches, select_batches, cfg, log))
-            record["val_seconds"] = round(time.perf_counter() - tv, 2)
-        run.history.append(record)
-        if cfg.time_budget is not None and (run.total_epochs is None or run.epoch < run.total_epochs):
-            _fit_length(run, cfg, per_epoch, time.perf_counter() - t_start, device, world_size, master, log)
-        if master:
-            _log_epoch(run, record, log)
-            run.elapsed = time.perf_counter() - t_start
-            save_checkpoint(_checkpoint(run, cfg, model, optimizer, ema, data_gen, noise_gen), checkpoint_path)
-    return _finish(run, model, ema, val_batches, cfg, batches, device, world_size, master,
-                   time.perf_counter() - t_start, log)
-
-
-def _fit_length(run, cfg, per_epoch, spent, device, world_size, master, log):
-    """Set (after the first epoch) or correct (after every later one) the length of a time-budget run
-    from the cost of the epoch just run. Correcting matters: the first epoch of an eps ramp has no attack
-    and AWP starts after its warm-up, so the first epoch can cost half of a later one."""
-    check = max((r.get("val_seconds", 0.0) for r in run.history), default=0.0)   # the dearest check so far
-    total = budget_epochs(cfg, run.epoch, per_epoch, spent, check, device, world_size)
-    if master and total != run.total_epochs:
-        log(f"time budget {cfg.time_budget:g} min at {per_epoch:.1f} s per epoch: {total} epochs"
-            + (f" (was {run.total_epochs})" if run.total_epochs else ""))
-    run.total_epochs = total
-
-
-def _training_batches(train_set, val_set, cfg, device, data_gen, rank, world_size, channels_last):
-    """(this rank's training batches, validation batches, the APGD check's batches); the last two on rank 0
-    alone, which validates."""
-    images, labels = train_set
-    if cfg.n_train is not None:
-        images, labels = images[:cfg.n_train], labels[:cfg.n_train]
-    batches = Batches(images, labels, cfg.batch_size // world_size, device=device, train=True,
-                      generator=data_gen, rank=rank, world_size=world_size, channels_last=channels_last)
-    if len(batches) == 0:
-        raise UserError(f"{len(labels)} training images make no batch of {cfg.batch_size}; "
-                        f"lower --batch-size or raise --n-train")
-    if rank != 0:
-        return batches, None, None
-    return (batches, Batches(*val_set, cfg.batch_size, device=device, channels_last=channels_last),
-            Batches(val_set[0][:cfg.select_n], val_set[1][:cfg.select_n], cfg.batch_size, device=device,
-                    channels_last=channels_last))
+def read_checkpoint(path):
+    """A training checkpoint (a plain dict), checked for the keys this version writes."""
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint {path}")
+    ckpt = torch_load(path, "checkpoint")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(CHECKPOINT_KEYS)
+    if missing or not isinstance(ckpt["config"], dict):
+        raise UserError(f"{path}: not a training checkpoint of this tool (missing {', '.join(missing)})")
+    return ckpt
 
 
 def _sgd(model, cfg):
     """Nesterov SGD, weight decay on conv and linear weights only (not on BatchNorm or biases)."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
+    decay_params = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
+    return torch.optim.SGD([{"params": decay_params, "weight_decay": cfg.weight_decay},
                             {"params": no_decay, "weight_decay": 0.0}],
                            lr=0.0, momentum=cfg.momentum, nesterov=True)
-
-
-def read_checkpoint(path):
-    """A training checkpoint, checked for the keys this version writes (RNG states stay on the CPU)."""
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint {path}")
-    ckpt = _torch_load(path, "checkpoint")
-    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(CHECKPOINT_KEYS)
-    if missing or not isinstance(ckpt["config"], dict):
-        raise UserError(f"{path}: not a training checkpoint of this version (missing {', '.join(missing)}); "
-                        f"delete it to start over")
-    return ckpt
-
-
-def _restore(path, cfg, model, optimizer, ema, data_gen, noise_gen, run):
-    """Load a checkpoint into the run's objects, after checking that it is one and fits these settings."""
-    if not os.path.isfile(path):
-        raise UserError(f"--resume: no checkpoint {path}; run without --resume to start")
-    ckpt = read_checkpoint(path)
-    defaults = dataclasses.asdict(TrainConfig())
-    changed = {k: (ckpt["config"].get(k, defaults[k]), v) for k, v in dataclasses.asdict(cfg).items()
-               if k not in ("compile", "val_every") and ckpt["config"].get(k, defaults[k]) != v}
-    if changed:
-        raise UserError(f"--resume: {path} was made with other settings "
-                        f"({', '.join(f'{k}: {a} there, {b} now' for k, (a, b) in changed.items())}); "
-                        f"repeat its command, or delete it to start over")
-    try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ema:
-            ema.model.load_state_dict(ckpt["ema"])
-            ema.updates = int(ckpt["ema_updates"])
-        data_gen.set_state(ckpt["rng"]["data"])
-        noise_gen.set_state(ckpt["rng"]["noise"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        run.epoch, run.total_epochs = int(ckpt["epoch"]), ckpt["total_epochs"]
-        run.history, run.elapsed = list(ckpt["history"]), float(ckpt["elapsed"])
-        run.best, run.best_state = ckpt["best"], ckpt["best_state"]
-    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"{path}: does not fit this run ({e.__class__.__name__}: {first}); "
-                        f"delete it to start over") from None
-
-
-def _checkpoint(run, cfg, model, optimizer, ema, data_gen, noise_gen):
-    return {"epoch": run.epoch, "total_epochs": run.total_epochs, "config": dataclasses.asdict(cfg),
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "ema": ema.model.state_dict() if ema else None, "ema_updates": ema.updates if ema else 0,
-            "rng": _rng_states(data_gen, noise_gen), "history": run.history, "elapsed": run.elapsed,
-            "best": run.best, "best_state": run.best_state}
-
-
-def rescue_checkpoint(checkpoint_path, model_path, log=print):
-    """Write an unfinished run's checkpoint as a model file: the best weights its APGD checks saw (with
-    --select-from), else the weights of its last finished epoch. For a run cut off before its end, e.g. at
-    a GPU call's deadline, whose checkpoint is too large to bring back; its metadata says how far it got
-    (near the end of a one-cycle schedule the weights are close to annealed, earlier they are not). A file
-    already at `model_path` is kept as <model_path>.prev."""
-    ckpt = read_checkpoint(checkpoint_path)
-    model = build_model(ckpt["config"]["arch"])
-    best = ckpt["best"]
-    try:
-        model.load_state_dict(ckpt["best_state"] if best else ckpt["model"])
-    except (RuntimeError, TypeError, AttributeError) as e:
-        raise UserError(f"{checkpoint_path}: its weights do not fit a WRN-{ckpt['config']['arch']} "
-                        f"({e.__class__.__name__})") from None
-    weights = f"{best['weights']} weights of epoch {best['epoch']}" if best else f"weights of epoch {ckpt['epoch']}"
-    info = {"complete": False, "epochs": ckpt["epoch"], "planned_epochs": ckpt["total_epochs"],
-            "config": ckpt["config"], "history": ckpt["history"], "weights": weights,
-            "rescued_from": os.path.abspath(checkpoint_path)}
-    if best:
-        info["selected"] = best
-    keep_previous(model_path if os.path.isfile(model_path) else None, log)     # a wrong name loses nothing
-    model.eval().save(model_path, {"training": info})
-    log(f"wrote {model_path}: the {weights} of an unfinished run ({ckpt['epoch']} of "
-        f"{ckpt['total_epochs']} epochs)")
-    return model
-
-
-def _train_epoch(run, batches, cfg, *, net, model, core, optimizer, ema, noise_gen, awp_weights, world_size,
-                 master, first, log):
-    """One epoch of training steps of `net` (`model`: its DDP wrapper, `core`: it compiled, or itself).
-    Returns (record, seconds one epoch takes once warmed up); the first epoch of a process logs an
-    estimate of the run's length."""
-    device = batches.images.device
-    steps = len(batches)
-    total = run.total_epochs or math.inf        # until the length is fixed only the warm-up applies
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen, steady = 0, None
-    t0 = time.perf_counter()
-    bar = tqdm(batches, desc=f"epoch {run.epoch + 1}/{run.total_epochs or '?'}", disable=not master,
-               leave=False, dynamic_ncols=True)
-    for i, (x, y) in enumerate(bar):
-        progress = run.epoch + i / steps
-        lr = lr_at(progress, total, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss, corr = train_step(model, core, x, y, cfg, optimizer, noise_gen, eps=eps_at(progress, total, cfg),
-                                awp_weights=awp_weights if progress >= cfg.awp_warmup else None,
-                                world_size=world_size)
-        loss_sum += loss
-        correct += corr
-        seen += len(y)
-        if ema:
-            (ema.update if (progress + 1 / steps) / total >= cfg.ema_start else ema.follow)(net)
-        if i + 1 == min(STEADY_STEP, steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if steps > 2 * STEADY_STEP:
-                steady = (time.perf_counter(), i + 1)     # after cudnn autotuning / compilation
-            if first and master:
-                _log_estimate(run, cfg, (time.perf_counter() - t0) / (i + 1) * steps, log)
-        if (i + 1) % 20 == 0 or i + 1 == steps:
-            mean_loss = loss_sum.item() / seen        # the one host sync, every 20 steps
-            if not math.isfinite(mean_loss):
-                kept = "; the last good epoch is in the checkpoint (--resume)" if run.epoch > 0 else ""
-                raise TrainingError(f"loss became {mean_loss} in epoch {run.epoch + 1}: lower --lr "
-                                    f"(now {cfg.lr}){kept}")
-            bar.set_postfix(loss=f"{mean_loss:.3f}", adv_acc=f"{100 * correct.item() / seen:.1f}",
-                            img_s=f"{seen * world_size / (time.perf_counter() - t0):.0f}", lr=f"{lr:.3f}")
-    bar.close()
-    epoch_time = time.perf_counter() - t0
-    per_epoch = epoch_time      # too few steps to leave out the warm-up: the whole epoch
-    if steady is not None:
-        per_epoch = (t0 + epoch_time - steady[0]) / (steps - steady[1]) * steps
-    record = {"epoch": run.epoch + 1, "loss": loss_sum.item() / seen, "adv_train_acc": 100 * correct.item() / seen,
-              "seconds": round(epoch_time, 2), "images_per_s": round(seen * world_size / epoch_time)}
-    return record, per_epoch
-
-
-def _log_estimate(run, cfg, per_epoch, log):
-    """After the first steps: how long an epoch and the whole run will take here (before cudnn's tuning
-    and compilation end this is an overestimate)."""
-    left = (run.total_epochs or 0) - run.epoch
-    length = (f"{left} epoch{'s' if left != 1 else ''} to go, about {_duration(per_epoch * left)}" if run.total_epochs
-              else f"the time budget of {cfg.time_budget:g} min fixes the length after this epoch")
-    log(f"estimate from the first {STEADY_STEP} steps: about {_duration(per_epoch)} per epoch; {length}")
 
 
 def _duration(seconds):
@@ -1186,73 +1355,249 @@ def _duration(seconds):
     return f"{seconds / 3600:.1f} h"
 
 
-def _validate(run, model, ema, val_batches, select_batches, cfg, log):
-    """The validation check after an epoch: clean and PGD-10 accuracy of the live weights; with
-    select_from, the APGD check of the live and EMA weights (from select_from of the run on, and at the
-    first check of a time-budget run, whose cost the budget needs), keeping the best weights seen."""
-    record = {}
-    record["val_clean"], record["val_pgd10"] = validate(model, val_batches, eps=cfg.eps, seed=cfg.seed)
-    if cfg.select_from is None:
-        return record
-    fraction = run.epoch / run.total_epochs if run.total_epochs else None
-    selecting = fraction is not None and fraction >= cfg.select_from
-    if not selecting and fraction is not None:
-        return record
-    for name, net in [("live", model)] + ([("ema", ema.model)] if ema else []):
-        robust, clean = apgd_check(net, select_batches, cfg)
-        record[f"val_apgd_{name}"], record[f"val_apgd_clean_{name}"] = robust, clean
-        if selecting and (run.best is None or (robust, clean) > (run.best["apgd"], run.best["clean"])):
-            run.best = {"epoch": run.epoch, "weights": name, "apgd": robust, "clean": clean}
-            run.best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
-    return record
+@dataclasses.dataclass
+class TrainState:
+    """What a training run carries from epoch to epoch (its checkpoint adds the model, optimizer, EMA and
+    random states). `best` describes the best weights the APGD checks have seen, `best_state` holds them."""
+    total_epochs: int = None
+    epoch: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    elapsed: float = 0.0
+    best: dict = None
+    best_state: dict = None
 
 
-def _log_epoch(run, record, log):
-    val = ""
-    if "val_clean" in record:
-        val = f", val clean {record['val_clean']:.2f} PGD-10 {record['val_pgd10']:.2f}"
-        for name in ("live", "ema"):
-            if f"val_apgd_{name}" in record:
-                val += f", APGD {name} {record[f'val_apgd_{name}']:.2f}"
-    log(f"epoch {run.epoch}/{run.total_epochs}: loss {record['loss']:.4f}, adv train acc "
-        f"{record['adv_train_acc']:.2f}, {record['images_per_s']} img/s, {record['seconds']:.1f} s{val}")
+class Trainer:
+    """One adversarial training run of `model` (in place): its objects, its loop, its checkpoint. Under
+    torchrun every rank has one; rank 0 alone logs, validates, selects and writes the checkpoint."""
+
+    def __init__(self, model, train_set, val_set, cfg, *, device, checkpoint_path, log):
+        self.rank, self.world_size, _ = distributed_context()
+        self.model, self.cfg, self.checkpoint_path, self.device = model, cfg, checkpoint_path, torch.device(device)
+        self.master = self.rank == 0
+        self.log = log if self.master else (lambda *a, **k: None)
+        channels_last = self.device.type == "cuda"
+        if channels_last:
+            torch.backends.cudnn.benchmark = True
+            model.to(memory_format=torch.channels_last)
+        if cfg.batch_size % self.world_size:
+            raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {self.world_size} processes")
+        self.data_gen = torch.Generator().manual_seed(cfg.seed)
+        self.noise_gen = torch.Generator(self.device).manual_seed(cfg.seed + 1 + self.rank)
+        images, labels = (t[:cfg.n_train] for t in train_set)
+        self.batches = Batches(images, labels, cfg.batch_size // self.world_size, device=self.device, train=True,
+                               generator=self.data_gen, rank=self.rank, world_size=self.world_size,
+                               channels_last=channels_last)
+        if len(self.batches) == 0:
+            raise UserError(f"{len(labels)} training images make no batch of {cfg.batch_size}; "
+                            f"lower --batch-size or raise --n-train")
+        if self.master:     # rank 0 alone validates: the validation split and the APGD check's first images
+            self.val_batches = Batches(*val_set, cfg.batch_size, device=self.device, channels_last=channels_last)
+            self.select_batches = Batches(*(t[:cfg.select_n] for t in val_set), cfg.batch_size, device=self.device,
+                                          channels_last=channels_last)
+        self.optimizer = _sgd(model, cfg)
+        self.ema = EMA(model, cfg.ema) if cfg.ema else None
+        self.awp_weights = ([m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+                            if cfg.awp else None)
+        self.state = TrainState(total_epochs=None if cfg.time_budget else cfg.epochs)
+
+    def checkpoint(self):
+        s = self.state
+        return {"epoch": s.epoch, "total_epochs": s.total_epochs, "config": dataclasses.asdict(self.cfg),
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "ema": self.ema.model.state_dict() if self.ema else None,
+                "ema_updates": self.ema.updates if self.ema else 0,
+                "rng": {"data": self.data_gen.get_state(), "noise": self.noise_gen.get_state(),
+                        "torch": torch.get_rng_state()},
+                "history": s.history, "elapsed": s.elapsed, "best": s.best, "best_state": s.best_state}
+
+    def restore(self):
+        """Continue from the checkpoint, after checking that it was made with these settings."""
+        path, ckpt = self.checkpoint_path, read_checkpoint(self.checkpoint_path)
+        defaults = dataclasses.asdict(TrainConfig())
+        changed = [f"{k}: {ckpt['config'].get(k, defaults[k])} there, {v} now" for k, v in
+                   dataclasses.asdict(self.cfg).items() if k not in ("compile", "val_every")
+                   and ckpt["config"].get(k, defaults[k]) != v]
+        if changed:
+            raise UserError(f"--resume: {path} was made with other settings ({', '.join(changed)}); "
+                            f"repeat its command, or delete it to start over")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.ema:
+                self.ema.model.load_state_dict(ckpt["ema"])
+                self.ema.updates = int(ckpt["ema_updates"])
+            for generator, key in ((self.data_gen, "data"), (self.noise_gen, "noise")):
+                generator.set_state(ckpt["rng"][key])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            self.state = TrainState(ckpt["total_epochs"], int(ckpt["epoch"]), list(ckpt["history"]),
+                                    float(ckpt["elapsed"]), ckpt["best"], ckpt["best_state"])
+        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise UserError(f"{path}: does not fit this run ({e.__class__.__name__}: {first}); "
+                            f"delete it to start over") from None
+        self.log(f"resuming {path} after epoch {self.state.epoch} of {self.state.total_epochs}")
+
+    def run(self):
+        """Epochs until the end of the schedule, each followed by its checks and the checkpoint; returns
+        (model kept, info)."""
+        model = core = self.model
+        if self.world_size > 1:
+            model = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                                        if self.device.type == "cuda" else None)
+        if self.cfg.compile:
+            model, core = torch.compile(model), torch.compile(self.model)
+        s, t_start, first = self.state, time.perf_counter() - self.state.elapsed, True
+        while s.total_epochs is None or s.epoch < s.total_epochs:
+            record, per_epoch = self.epoch(model, core, first)
+            first, s.epoch = False, s.epoch + 1
+            if self.master and (s.total_epochs is None or s.epoch % self.cfg.val_every == 0
+                                or s.epoch == s.total_epochs):
+                record.update(self.check())
+            s.history.append(record)
+            if self.cfg.time_budget is not None and (s.total_epochs is None or s.epoch < s.total_epochs):
+                self.fit_length(per_epoch, time.perf_counter() - t_start)
+            if self.master:
+                val = "".join(f", {label} {record[key]:.2f}" for key, label in (
+                    ("val_clean", "val clean"), ("val_pgd10", "PGD-10"), ("val_apgd_live", "APGD live"),
+                    ("val_apgd_ema", "APGD ema")) if key in record)
+                self.log(f"epoch {s.epoch}/{s.total_epochs}: loss {record['loss']:.4f}, adv train acc "
+                         f"{record['adv_train_acc']:.2f}, {record['images_per_s']} img/s, "
+                         f"{record['seconds']:.1f} s{val}")
+                s.elapsed = time.perf_counter() - t_start
+                save_checkpoint(self.checkpoint(), self.checkpoint_path)
+        return self.finish(time.perf_counter() - t_start)
+
+    def epoch(self, model, core, first):
+        """One epoch of training steps (`model`: the DDP wrapper or compiled net, `core`: the net, compiled
+        or not). Returns (record, seconds an epoch takes once warmed up); the first epoch of a process logs
+        an estimate of the run's length after its first steps."""
+        s, steps = self.state, len(self.batches)
+        sums, seen, steady, t0 = torch.zeros(2, device=self.device), 0, None, time.perf_counter()
+        bar = progress(self.batches, f"epoch {s.epoch + 1}/{s.total_epochs or '?'}", disable=not self.master)
+        for i, (x, y) in enumerate(bar):
+            lr = self.step(model, core, x, y, s.epoch + i / steps, sums)
+            seen += len(y)
+            if i + 1 == min(STEADY_STEP, steps):
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                steady = (time.perf_counter(), i + 1) if steps > 2 * STEADY_STEP else None   # after autotuning
+                if first:
+                    per_epoch, left = (time.perf_counter() - t0) / (i + 1) * steps, (s.total_epochs or 0) - s.epoch
+                    self.log(f"estimate from the first {STEADY_STEP} steps: about {_duration(per_epoch)} per epoch; "
+                             + (f"{left} epoch(s) to go, about {_duration(per_epoch * left)}" if s.total_epochs else
+                                f"the time budget of {self.cfg.time_budget:g} min fixes the length after this epoch"))
+            if (i + 1) % 20 == 0 or i + 1 == steps:     # the one host sync, every 20 steps
+                self.show(bar, sums, seen, time.perf_counter() - t0, lr)
+        bar.close()
+        epoch_time = time.perf_counter() - t0
+        per_epoch = epoch_time if steady is None else (t0 + epoch_time - steady[0]) / (steps - steady[1]) * steps
+        record = {"epoch": s.epoch + 1, "loss": sums[0].item() / seen, "adv_train_acc": 100 * sums[1].item() / seen,
+                  "seconds": round(epoch_time, 2), "images_per_s": round(seen * self.world_size / epoch_time)}
+        return record, per_epoch
+
+    def step(self, model, core, x, y, epoch_progress, sums):
+        """One training step at this point of the schedule; adds its loss and correct count to `sums`."""
+        cfg, total = self.cfg, self.state.total_epochs or math.inf   # until the length is fixed: the warm-up
+        lr = lr_at(epoch_progress, total, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        awp = self.awp_weights if epoch_progress >= cfg.awp_warmup else None
+        loss, hits = train_step(model, core, x, y, cfg, self.optimizer, self.noise_gen,
+                                eps=eps_at(epoch_progress, total, cfg), awp_weights=awp, world_size=self.world_size)
+        sums += torch.stack([loss.float(), hits.float()])
+        if self.ema:
+            after = epoch_progress + 1 / len(self.batches)
+            (self.ema.update if after / total >= cfg.ema_start else self.ema.follow)(self.model)
+        return lr
+
+    def show(self, bar, sums, seen, seconds, lr):
+        """The progress bar's figures; a NaN loss stops the run."""
+        mean_loss = sums[0].item() / seen
+        if not math.isfinite(mean_loss):
+            kept = "; the last good epoch is in the checkpoint (--resume)" if self.state.epoch > 0 else ""
+            raise TrainingError(f"loss became {mean_loss} in epoch {self.state.epoch + 1}: lower --lr "
+                                f"(now {self.cfg.lr}){kept}")
+        bar.set_postfix(loss=f"{mean_loss:.3f}", adv_acc=f"{100 * sums[1].item() / seen:.1f}",
+                        img_s=f"{seen * self.world_size / seconds:.0f}", lr=f"{lr:.3f}")
+
+    def fit_length(self, per_epoch, spent):
+        """Set (after the first epoch) or correct (after every later one) the length of a time-budget run
+        from the cost of the epoch just run. Correcting matters: the first epoch of an eps ramp has no attack
+        and AWP starts after its warm-up, so the first epoch can cost half of a later one."""
+        s = self.state
+        check = max((r.get("val_seconds", 0.0) for r in s.history), default=0.0)   # the dearest check so far
+        total = budget_epochs(self.cfg, s.epoch, per_epoch, spent, check, self.device, self.world_size)
+        if total != s.total_epochs:
+            self.log(f"time budget {self.cfg.time_budget:g} min at {per_epoch:.1f} s per epoch: {total} epochs"
+                     + (f" (was {s.total_epochs})" if s.total_epochs else ""))
+        s.total_epochs = total
+
+    def check(self):
+        """The validation check after an epoch: clean and PGD-10 accuracy of the live weights; with
+        select_from, the APGD check of the live and EMA weights (from select_from of the run on, and at the
+        first check of a time-budget run, whose cost the budget needs), keeping the best weights seen."""
+        s, cfg, t0 = self.state, self.cfg, time.perf_counter()
+        record = dict(zip(("val_clean", "val_pgd10"), validate(self.model, self.val_batches, cfg)))
+        fraction = s.epoch / s.total_epochs if s.total_epochs else None
+        selecting = fraction is not None and cfg.select_from is not None and fraction >= cfg.select_from
+        if cfg.select_from is not None and (selecting or fraction is None):
+            for name, net in [("live", self.model)] + ([("ema", self.ema.model)] if self.ema else []):
+                robust, clean = apgd_check(net, self.select_batches, cfg)
+                record[f"val_apgd_{name}"], record[f"val_apgd_clean_{name}"] = robust, clean
+                if selecting and (s.best is None or (robust, clean) > (s.best["apgd"], s.best["clean"])):
+                    s.best = {"epoch": s.epoch, "weights": name, "apgd": robust, "clean": clean}
+                    s.best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+        return {**record, "val_seconds": round(time.perf_counter() - t0, 2)}
+
+    def finish(self, elapsed):
+        """Choose the weights to keep and describe the run: the best APGD check with select_from, else the
+        better of the final and EMA weights by validation PGD-10."""
+        s, cfg = self.state, self.cfg
+        train_seconds = sum(r["seconds"] for r in s.history)
+        self.model.eval()
+        info = {"epochs": s.total_epochs, "train_images": len(self.batches.labels), "wall_seconds": round(elapsed, 1),
+                "train_seconds": round(train_seconds, 1), "images_per_s": round(
+                    len(self.batches) * cfg.batch_size * s.total_epochs / max(train_seconds, 1e-9)),
+                "world_size": self.world_size, "device": device_name(self.device),
+                "config": dataclasses.asdict(cfg), "history": s.history, "weights": "final"}
+        if self.world_size > 1:     # a checksum per tensor, gathered: do all ranks end with the same weights?
+            checksum = torch.stack([p.detach().double().sum() for p in self.model.parameters()])
+            gathered = [torch.zeros_like(checksum) for _ in range(self.world_size)]
+            torch.distributed.all_gather(gathered, checksum)
+            info["ranks_agree"] = all(torch.equal(g, checksum) for g in gathered)
+            self.log(f"weights identical across {self.world_size} ranks: {info['ranks_agree']}")
+        if self.master and s.best is not None:
+            self.model.load_state_dict(s.best_state)
+            info.update(selected=s.best, weights=f"{s.best['weights']} weights of epoch {s.best['epoch']}")
+            self.log(f"keeping the {info['weights']} (validation APGD {s.best['apgd']:.2f}, clean "
+                     f"{s.best['clean']:.2f}, on {len(self.select_batches.labels)} images)")
+        elif self.ema and self.master:
+            final = s.history[-1]
+            ema_clean, ema_robust = validate(self.ema.model, self.val_batches, cfg)
+            self.log(f"validation: final weights {final['val_clean']:.2f} / {final['val_pgd10']:.2f}, "
+                     f"EMA {ema_clean:.2f} / {ema_robust:.2f} (clean / PGD-10)")
+            info["ema_val"] = {"clean": ema_clean, "pgd10": ema_robust}
+            if (ema_robust, ema_clean) > (final["val_pgd10"], final["val_clean"]):
+                self.model.load_state_dict(self.ema.model.state_dict())
+                info["weights"] = "ema"
+            self.log(f"keeping the {info['weights']} weights")
+        self.model.to(memory_format=torch.contiguous_format)
+        return self.model, info
 
 
-def _finish(run, model, ema, val_batches, cfg, batches, device, world_size, master, elapsed, log):
-    """Choose the weights to keep and describe the run: the best APGD check with select_from, else the
-    better of the final and EMA weights by validation PGD-10."""
-    train_seconds = sum(r["seconds"] for r in run.history)
-    model.eval()
-    info = {"epochs": run.total_epochs, "train_images": len(batches.labels), "wall_seconds": round(elapsed, 1),
-            "train_seconds": round(train_seconds, 1),
-            "images_per_s": round(len(batches) * cfg.batch_size * run.total_epochs / max(train_seconds, 1e-9)),
-            "world_size": world_size, "device": device_name(device), "config": dataclasses.asdict(cfg),
-            "history": run.history, "weights": "final"}
-    if world_size > 1:
-        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()])   # one per tensor
-        gathered = [torch.zeros_like(checksum) for _ in range(world_size)]
-        torch.distributed.all_gather(gathered, checksum)
-        info["ranks_agree"] = all(torch.equal(g, checksum) for g in gathered)
-        if master:
-            log(f"weights identical across {world_size} ranks: {info['ranks_agree']}")
-    if master and run.best is not None:
-        model.load_state_dict(run.best_state)
-        info["selected"] = run.best
-        info["weights"] = f"{run.best['weights']} weights of epoch {run.best['epoch']}"
-        log(f"keeping the {info['weights']} (validation APGD {run.best['apgd']:.2f}, clean "
-            f"{run.best['clean']:.2f}, on {min(cfg.select_n, len(val_batches.labels))} images)")
-    elif ema and master:
-        final = run.history[-1]
-        ema_clean, ema_robust = validate(ema.model, val_batches, eps=cfg.eps, seed=cfg.seed)
-        info["ema_val"] = {"clean": ema_clean, "pgd10": ema_robust}
-        log(f"validation: final weights {final['val_clean']:.2f} / {final['val_pgd10']:.2f}, "
-            f"EMA {ema_clean:.2f} / {ema_robust:.2f} (clean / PGD-10)")
-        if (ema_robust, ema_clean) > (final["val_pgd10"], final["val_clean"]):
-            model.load_state_dict(ema.model.state_dict())
-            info["weights"] = "ema"
-        log(f"keeping the {info['weights']} weights")
-    model.to(memory_format=torch.contiguous_format)
-    return model, info
+def train(model, train_set, val_set, cfg, *, device, checkpoint_path, resume=False, log=print):
+    """Adversarial training of `model` (in place) on train_set = (images, labels).
+
+    Writes `checkpoint_path` atomically after every epoch; resume=True continues from it and gives the
+    same result as an uninterrupted run. Returns (model to keep, info dict). Under torchrun every rank
+    calls this. MeanSparse is bypassed (alpha is 0 until calibration anyway).
+    """
+    with bypassed(model):
+        trainer = Trainer(model, train_set, val_set, cfg, device=device, checkpoint_path=checkpoint_path, log=log)
+        if resume:
+            trainer.restore()
+        return trainer.run()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1280,7 +1625,7 @@ def collect_statistics(model, batches):
     model.eval()
     try:
         with alpha_set_to(model, 0.0):
-            for x, _ in tqdm(batches, desc="MeanSparse statistics", leave=False):
+            for x, _ in progress(batches, "MeanSparse statistics"):
                 model(x)
     finally:
         for h in handles:
@@ -1310,11 +1655,6 @@ def choose_alpha(sweep, criterion="adaptive", max_clean_drop=CLEAN_DROP_LIMIT):
     return max(allowed, key=lambda row: (row[criterion], -row["alpha"]))["alpha"]
 
 
-def adaptive_components(alpha):
-    """The adaptive evaluation's attacks at MeanSparse threshold alpha: at 0 the transfer attack is APGD-CE."""
-    return tuple(c for c in ADAPTIVE if alpha > 0 or c != "apgd-ce-transfer")
-
-
 def weights_fingerprint(model):
     """sha256 of every parameter and buffer of `model` but the MeanSparse thresholds (alpha): the same
     weights and statistics give the same fingerprint, whatever the memory layout."""
@@ -1326,345 +1666,140 @@ def weights_fingerprint(model):
     return h.hexdigest()
 
 
-def read_sweep_progress(path, key, log):
-    """The alphas an interrupted calibration finished, from `path`, if it was made with `key` (the same
-    weights, statistics, images and settings); else a fresh record."""
-    fresh = {"key": key, "alphas": {}}
-    if not path or not os.path.isfile(path):
-        return fresh
-    saved = read_json(path)
-    if not isinstance(saved, dict) or saved.get("key") != key or not isinstance(saved.get("alphas"), dict):
-        there = saved.get("key") if isinstance(saved, dict) and isinstance(saved.get("key"), dict) else {}
-        differ = ["other weights or statistics" if k == "weights" else f"{k} {there.get(k)} there, {v} here"
-                  for k, v in key.items() if there.get(k) != v] if there else ["unreadable"]
-        log(f"note: {path} is of another calibration ({'; '.join(differ)}): starting afresh; it may hold hours "
-            f"of APGD, so it is kept as {path}.prev (to continue it instead, rename it back and repeat its settings)")
-        keep_previous(path, lambda line: None)
-        return fresh
-    done = [a for a, entry in saved["alphas"].items() if "robust" in entry]
-    part = [f"{a} (APGD after {len(entry['apgd']['per_image'])} images)" if "apgd" in entry else f"{a} (PGD row)"
-            for a, entry in saved["alphas"].items() if "robust" not in entry]
-    log(f"continuing the calibration in {path}: alphas done: {', '.join(done) or 'none'}"
-        + (f"; part way: {', '.join(part)}" if part else ""))
-    return saved
+# sweep column -> the row of ATTACKS that measures it on the validation split (adaptive: that criterion only)
+SWEEP = {"clean": "natural", "plain": "pgd-linf", "bpda": "bpda-linf", "adaptive": "apgd-linf"}
 
 
-def _pgd_sweep_row(model, val_batches, alpha, *, steps, eps, seed):
-    """One alpha's clean, plain PGD and BPDA PGD accuracy (L-inf) on the validation batches."""
-    gen = torch.Generator(val_batches.images.device)
-    row = {"alpha": alpha, "clean": evaluate(model, val_batches, desc=f"alpha {alpha:g} clean")}
-    attack = make_pgd("linf", eps, eps / 4, steps, generator=gen.manual_seed(seed))
-    row["plain"] = evaluate(model, val_batches, attack, desc=f"alpha {alpha:g} PGD")
-    attack = make_pgd("linf", eps, eps / 4, steps, generator=gen.manual_seed(seed), use_bpda=True)
-    row["bpda"] = evaluate(model, val_batches, attack, desc=f"alpha {alpha:g} BPDA")
+def _sweep_row(alpha, rows, base):
+    """One alpha's line of the sweep from its measured rows; the adaptive gain is paired with alpha 0's."""
+    row = {"alpha": alpha, **{key: r["accuracy"] for key, r in rows.items()}}
+    if "adaptive" in rows:
+        robust = per_image_bools(rows["adaptive"]["per_image"])
+        row["gain"], row["gain_se"] = paired_gain(robust, robust if base is None else base)
     return row
 
 
-def calibrate(model, train_batches, val_batches, alphas, *, steps, eps=EPS_LINF, criterion="adaptive",
-              apgd_iters=APGD_ITERS, seed=0, log=print, progress_path=None):
-    """Collect MeanSparse statistics on train_batches (None: keep the model's), sweep alphas (0 always
-    among them) on val_batches: clean, plain PGD and BPDA PGD accuracy (L-inf), and with the adaptive
-    criterion the APGD worst case with its paired gain over alpha 0. Sets the chosen alpha; returns
-    (alpha, sweep rows). `progress_path`: a JSON file that keeps each finished alpha (on a CPU, hours of
-    APGD each) and the finished APGD batches of an interrupted one: a later call on the same weights,
-    statistics, images and settings takes them over."""
-    if train_batches is not None:
-        collect_statistics(model, train_batches)
+def _sweep_line(row, steps):
+    line = (f"  alpha {row['alpha']:5.3f}: clean {row['clean']:6.2f}  PGD-{steps} {row['plain']:6.2f}  "
+            f"BPDA PGD-{steps} {row['bpda']:6.2f}")
+    if "adaptive" in row:
+        line += f"  adaptive {row['adaptive']:6.2f}"
+        line += f" ({row['gain']:+.2f} +- {row['gain_se']:.2f} against alpha 0)" if row["alpha"] > 0 else ""
+    return line
+
+
+def _choice_line(alpha, sweep, criterion):
+    if len(sweep) == 1:         # nothing was chosen: the caveats of the criteria would mislead
+        return f"alpha {alpha:g}: the only value of the grid"
+    if criterion == "adaptive" and alpha == 0:
+        best = max(sweep[1:], key=lambda row: (row["adaptive"], -row["alpha"]))
+        return (f"chosen alpha 0: MeanSparse did not help this model. No alpha beat alpha 0 under the adaptive "
+                f"attack by more than {SIGNIFICANCE:g} standard errors of the paired difference with clean "
+                f"accuracy within {CLEAN_DROP_LIMIT:g} points (best: alpha {best['alpha']:g}, {best['gain']:+.2f} "
+                f"+- {best['gain_se']:.2f})")
+    note = {"plain": " (plain PGD sees a masked gradient: this choice rewards gradient masking, not robustness)",
+            "bpda": " (BPDA PGD-20 has credited MeanSparse with gains that APGD does not find)"}
+    return f"chosen alpha {alpha:g} by {criterion} accuracy{note.get(criterion, '')}"
+
+
+def calibrate(model, stats_batches, val_batches, alphas, opts, *, criterion="adaptive", log=print,
+              progress_path=None):
+    """Collect MeanSparse statistics on stats_batches (None: keep the model's), then sweep the alphas (0
+    always among them) on val_batches: clean, plain PGD and BPDA PGD accuracy (L-inf), and with the adaptive
+    criterion the APGD worst case with its paired gain over alpha 0. Sets the chosen alpha; returns (alpha,
+    sweep). Every row goes into a Report at `progress_path`, rewritten after every batch: a calibration
+    interrupted (hours of APGD on a CPU) and called again on the same weights, statistics, images and seed
+    continues where it stopped."""
+    if stats_batches is not None:
+        collect_statistics(model, stats_batches)
     model.eval()
-    key = {"weights": weights_fingerprint(model), "criterion": criterion, "steps": steps, "eps": eps,
-           "apgd_iters": apgd_iters, "seed": seed, "n_val": len(val_batches.labels),
-           "batch_size": val_batches.batch_size, "device": val_batches.images.device.type}
-    progress = read_sweep_progress(progress_path, key, log)
-
-    def save_progress():
-        atomic_write(progress_path, lambda f: f.write(json.dumps(progress).encode()))
-
+    key = {"weights": weights_fingerprint(model), "n_val": len(val_batches.labels),
+           "batch_size": val_batches.batch_size, "seed": opts.seed}
+    record = Report.open(progress_path, key, list(key), log)
+    columns = {k: name for k, name in SWEEP.items() if k != "adaptive" or criterion == "adaptive"}
     sweep, base = [], None
     for alpha in sorted(set(alphas) | {0.0}):
-        set_alpha(model, alpha)
-        name = f"{alpha:g}"      # its entry in the progress file
-        entry = progress["alphas"].get(name, {})
-        if "robust" in entry:       # finished by an earlier call
-            row, robust = dict(entry["row"]), per_image_bools(entry["robust"])
-            base = robust if alpha == 0 else base
-            sweep.append(row)
-            log(f"  alpha {alpha:5.3f}: kept from {progress_path}")
-            continue
-        # an earlier call stopped in this alpha's APGD: its PGD row and finished APGD batches are kept
-        row = dict(entry["row"]) if entry else _pgd_sweep_row(model, val_batches, alpha, steps=steps, eps=eps,
-                                                              seed=seed)
-        if progress_path and criterion == "adaptive" and not entry:
-            progress["alphas"][name] = {"row": row}     # minutes of PGD on a CPU, kept before the APGD
-            save_progress()
-        line = (f"  alpha {alpha:5.3f}: clean {row['clean']:6.2f}  PGD-{steps} {row['plain']:6.2f}  "
-                f"BPDA PGD-{steps} {row['bpda']:6.2f}")
-        robust = None
-        if criterion == "adaptive":
-            done = entry.get("apgd")
-            rest = val_batches
-            if done:
-                rest = val_batches.after(len(done["per_image"]))
-                log(f"  alpha {alpha:5.3f}: PGD row kept from {progress_path}, APGD continues after "
-                    f"{len(done['per_image'])} images")
-            elif entry:
-                log(f"  alpha {alpha:5.3f}: PGD row kept from {progress_path}, APGD starts")
-
-            def keep_batches(apgd_progress):     # after every batch: even a killed run loses one batch at most
-                progress["alphas"][name] = {"row": row, "apgd": apgd_progress}
-                save_progress()
-
-            robust, _ = apgd_robust(model, rest, adaptive_components(alpha), norm="linf", eps=eps, iters=apgd_iters,
-                                    seed=seed, done=done, on_batch=keep_batches if progress_path else None)
-            base = robust if alpha == 0 else base
-            row["adaptive"] = percent(robust)
-            row["gain"], row["gain_se"] = paired_gain(robust, base)
-            line += f"  adaptive {row['adaptive']:6.2f}"
-            if alpha > 0:
-                line += f" ({row['gain']:+.2f} +- {row['gain_se']:.2f} against alpha 0)"
-        sweep.append(row)
-        log(line)
-        if progress_path:
-            robust_record = "" if robust is None else per_image_string(robust)
-            progress["alphas"][name] = {"row": row, "robust": robust_record}
-            save_progress()
+        with alpha_set_to(model, alpha):
+            rows = {k: record.row(f"alpha {alpha:g} {name}", ATTACKS[name](model, opts), val_batches, log)
+                    for k, name in columns.items()}
+        sweep.append(_sweep_row(alpha, rows, base))
+        base = per_image_bools(rows["adaptive"]["per_image"]) if alpha == 0 and "adaptive" in rows else base
+        log(_sweep_line(sweep[-1], opts.steps))
     alpha = choose_alpha(sweep, criterion)
     set_alpha(model, alpha)
-    if criterion == "adaptive" and alpha == 0 and len(sweep) > 1:
-        best = max(sweep[1:], key=lambda row: (row["adaptive"], -row["alpha"]))
-        log(f"chosen alpha 0: MeanSparse did not help this model. No alpha beat alpha 0 under the adaptive "
-            f"attack by more than {SIGNIFICANCE:g} standard errors of the paired difference with clean accuracy "
-            f"within {CLEAN_DROP_LIMIT:g} points (best: alpha {best['alpha']:g}, {best['gain']:+.2f} +- "
-            f"{best['gain_se']:.2f})")
-    elif len(sweep) == 1:       # nothing was chosen: the caveats of the criteria would mislead
-        log(f"alpha {alpha:g}: the only value of the grid")
-    else:
-        note = {"plain": " (plain PGD sees a masked gradient: this choice rewards gradient masking, not "
-                         "robustness)",
-                "bpda": " (BPDA PGD-20 has credited MeanSparse with gains that APGD does not find)"}
-        log(f"chosen alpha {alpha:g} by {criterion} accuracy{note.get(criterion, '')}")
+    log(_choice_line(alpha, sweep, criterion))
     return alpha, sweep
 
 
 # ----------------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------------
-def make_pgd(norm, eps, step_size, steps, *, restarts=1, generator=None, use_bpda=False, craft_alpha=None):
-    """An attack callable(model, x, y) -> x_adv: PGD, optionally under BPDA, optionally crafted with the
-    MeanSparse threshold set to `craft_alpha` (a transfer attack) and evaluated with the model's own."""
-    def attack(model, x, y):
-        with bpda(model) if use_bpda else contextlib.nullcontext(), \
-                alpha_set_to(model, craft_alpha) if craft_alpha is not None else contextlib.nullcontext():
-            return pgd(model, x, y, norm=norm, eps=eps, step_size=step_size, steps=steps, restarts=restarts,
-                       generator=generator)
-    return attack
+def log_row(name, row, alpha, log):
+    """The printed line of a row (and its components' lines for the adaptive evaluation)."""
+    notes = (["worst case"] if "components" in row else []) + (["under BPDA"] if row.get("bpda") and alpha > 0 else [])
+    log(f"{name:14s} {row['accuracy']:6.2f} %  on {row['n']} images  {row['seconds']:8.1f} s"
+        + (f" ({', '.join(notes)})" if notes else ""))
+    for component, c in row.get("components", {}).items():
+        own = (f"{c['accuracy']:6.2f} %" if c["accuracy"] is not None else
+               f"broke {c['broke']} of the {c['attacked']} images the others left")
+        log(f"  {component:17s} {own}  {c['seconds']:8.1f} s")
 
 
-def correct_per_image(model, batches, attack=None, desc="natural", verbose=True, after_batch=None):
-    """Per image of `batches`, in order: does `model` classify it correctly, after `attack`
-    (callable(model, x, y) -> x_adv) if given? A bool tensor on the CPU. `after_batch(correct)` gets each
-    batch's outcomes as soon as the batch is done."""
-    correct = []
-    for x, y in tqdm(batches, desc=desc, leave=False, disable=not verbose):
-        if attack is not None:
-            x = attack(model, x, y)
-        with torch.inference_mode():
-            correct.append((model(x).argmax(1) == y).cpu())
-        if after_batch:
-            after_batch(correct[-1])
-    return torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
+def evaluate_rows(model, rows, report, batches, opts, log):
+    """Every row of `rows` (names of ATTACKS) into `report`: kept, continued or measured (see Report.row)."""
+    for name in rows:
+        try:
+            row = report.row(name, ATTACKS[name](model, opts), batches, log)
+        except KeyboardInterrupt:
+            cut = report.rows.get(name, {})
+            if cut.get("complete") is False:    # stopped part way: its finished batches are in the report
+                log(f"\n{name:14s} {cut['accuracy_so_far']:6.2f} %  on the first {cut['n_done']} of "
+                    f"{cut['n']} images (interrupted)")
+            raise
+        log_row(name, row, get_alpha(model), log)
 
 
-def evaluate(model, batches, attack=None, desc="natural", verbose=True):
-    """Accuracy (%) of `model` on `batches`, after `attack` (callable(model, x, y) -> x_adv) if given."""
-    return percent(correct_per_image(model, batches, attack, desc=desc, verbose=verbose))
+def sanity_checks(model, batches, opts, log=print):
+    """Checks that the attack is working on this model: their details, and whether all passed."""
+    n, eps = len(batches.labels), NORMS["linf"].eps
+
+    def noise(acc):    # two standard errors of a binomial accuracy, at least one image
+        return max(100.0 / n, 2 * 100 * math.sqrt(max(acc / 100 * (1 - acc / 100), 1e-12) / n))
+
+    def run(radius, steps, name="pgd-linf"):
+        return accuracy(model, batches, name, opts.at("linf", radius, steps=steps),
+                        desc=f"sanity eps {radius * 255:.0f}/255")
+
+    accs = [run(radius, opts.steps) for radius in SANITY_EPS_LINF]
+    more = run(eps, SANITY_STEPS_FACTOR * opts.steps)
+    base = accs[SANITY_EPS_LINF.index(eps)]
+    bpda_acc = run(eps, opts.steps, "bpda-linf")
+    checks = {
+        "accuracy never rises with eps": all(b <= a + noise(a) for a, b in zip(accs, accs[1:])),
+        f"about 0 at eps {SANITY_EPS_LINF[-1] * 255:.0f}/255": accs[-1] <= noise(0.0) + 1.0,
+        f"{SANITY_STEPS_FACTOR}x steps do not raise accuracy": more <= base + noise(base),
+        "BPDA not weaker than plain PGD": bpda_acc <= base + noise(base),
+    }
+    details = {"eps": list(SANITY_EPS_LINF), "accuracy": accs, f"pgd{SANITY_STEPS_FACTOR * opts.steps}": more,
+               "bpda": bpda_acc, "checks": checks, "passed": all(checks.values())}
+    log("sanity (L-inf, eps " + ", ".join(f"{e * 255:.0f}" for e in SANITY_EPS_LINF) + " /255: "
+        + ", ".join(f"{a:.1f}" for a in accs) + f"; PGD-{SANITY_STEPS_FACTOR * opts.steps} at 8/255 "
+        f"{more:.1f}; BPDA {bpda_acc:.1f})")
+    for name, ok in checks.items():
+        log(f"  {'PASS' if ok else 'FAIL'}  {name}")
+    return details
 
 
-def per_image_bools(record):
-    """The bool tensor of a `per_image_string` record."""
-    return torch.tensor([c == "1" for c in record], dtype=torch.bool)
-
-
-def per_image_string(correct):
-    """A report's record of which images an attack left correct: "1" (correct) or "0" per image, in the
-    split's order from its first image. It lets two reports be compared image by image (bench/compare.py):
-    a paired difference has a far smaller standard error than two accuracies side by side."""
-    return "".join("1" if c else "0" for c in correct.tolist())
-
-
-ATTACKS = ("natural", "pgd-linf", "pgd-l2", "bpda-linf", "bpda-l2", "transfer-linf", "apgd-linf", "apgd-l2",
-           "aa-linf", "aa-l2")
-
-
-def attack_settings(name, args):
-    """The settings of attack `name` from the CLI arguments (also written into the report)."""
-    if name == "natural":
-        return {}
-    norm = name.rsplit("-", 1)[1]
-    eps = args.eps_linf if norm == "linf" else args.eps_l2
-    if name.startswith("aa-"):
-        return {"norm": norm, "eps": eps, "version": "standard", "bpda": True}
-    if name.startswith("apgd-"):
-        return {"norm": norm, "eps": eps, "iters": args.apgd_iters, "restarts": 1, "bpda": True}
-    step = (args.step_linf if norm == "linf" else args.step_l2) or eps / 4
-    return {"norm": norm, "eps": eps, "step_size": step, "steps": args.steps, "restarts": args.restarts,
-            "bpda": name.startswith("bpda-"), "crafted_at_alpha": 0.0 if name.startswith("transfer-") else None}
-
-
-def resumable_row(previous, name, args, device_type):
-    """(row, None): row `name` of the report a --resume continues (None if it has none), to be kept whole or,
-    stopped between two batches, continued; (None, why) when it must be measured again."""
-    old = previous["results"].get(name) if previous else None
-    if old is not None and not all(old.get(k) == v for k, v in attack_settings(name, args).items()):
-        return None, "the report's row was made with other settings"
-    if old is not None and old.get("progress", {}).get("device", device_type) != device_type:
-        return None, "the report's row was stopped on another device, whose random starts cannot go on here"
-    return old, None
-
-
-class _AutoAttackLog(logging.Handler):
-    """Shows AutoAttack's progress lines (robust accuracy after each attack, its checks' warnings) as they
-    come, and keeps them for the report."""
-
-    def __init__(self, log):
-        super().__init__(logging.DEBUG)
-        self.log, self.lines = log, []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-        self.log(f"  autoattack: {record.getMessage()}")
-
-
-def autoattack_accuracy(model, images, labels, *, norm, eps, batch_size, seed, device, log=print):
-    """Standard AutoAttack (pyautoattack) under BPDA through MeanSparse: (accuracy %, details). The accuracy
-    is the model's own forward pass on AutoAttack's adversarial images; details has the package version and
-    AutoAttack's own log lines."""
-    pyautoattack = import_pyautoattack()
-    x = images.to(device).float().div(255)
-    y = labels.to(device)
-    adversary = pyautoattack.AutoAttack(model, norm="Linf" if norm == "linf" else "L2", eps=eps,
-                                        version="standard", seed=seed, device=device)
-    logger, handler = logging.getLogger("auto-attack"), _AutoAttackLog(log)
-    level = logger.level
-    logger.setLevel(logging.DEBUG)          # its progress lines are DEBUG records
-    logger.addHandler(handler)
-    try:
-        with bpda(model):
-            x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-    correct = correct_per_image(model, [(x_adv[i:i + batch_size], y[i:i + batch_size])
-                                        for i in range(0, len(y), batch_size)], verbose=False)
-    details = {"pyautoattack": getattr(pyautoattack, "__version__", "unknown"), "log": handler.lines,
-               "per_image": per_image_string(correct)}
-    return percent(correct), details
-
-
-def adaptive_accuracy(model, batches, *, norm, eps, iters, seed, log=print, done=None, on_batch=None):
-    """The adaptive evaluation (`apgd-linf`, `apgd-l2`): APGD-CE and APGD-T under BPDA and APGD-CE crafted
-    with MeanSparse off, an image robust only if it survives all of them. Returns (worst-case accuracy %,
-    details with the clean accuracy and each component's figures). `done`, `on_batch`: see `apgd_robust`."""
-    components = adaptive_components(get_alpha(model))
-    robust, stats = apgd_robust(model, batches, components, norm=norm, eps=eps, iters=iters, seed=seed,
-                                done=done, on_batch=on_batch)
-    for name in components:
-        c = stats[name]
-        own = f"{c['accuracy']:6.2f} %" if c["accuracy"] is not None else \
-            f"broke {c['broke']} of the {c['attacked']} images the others left"
-        log(f"  {name:17s} {own}  {c['seconds']:8.1f} s")
-    pyautoattack = import_pyautoattack()
-    return percent(robust), {"components": {k: stats[k] for k in components}, "clean": stats["clean"],
-                             "pyautoattack": getattr(pyautoattack, "__version__", "unknown"),
-                             "per_image": per_image_string(robust)}
-
-
-def generator_text(generator):
-    """A random generator's state as text (for a report), and back with `generator_from_text`."""
-    return base64.b64encode(generator.get_state().numpy().tobytes()).decode()
-
-
-def generator_from_text(generator, text):
-    generator.set_state(torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8))
-    return generator
-
-
-def run_attack(model, name, batches, args, device, done=None, on_batch=None):
-    """(accuracy %, settings) of attack `name` on `batches`; settings end with the per-image record
-    (`per_image_string`). `on_batch(progress)` after every batch of an apgd-* or PGD row, and `done=` such
-    a progress to continue the row (`batches` then holding the images after it): see `apgd_robust`; a PGD
-    row's progress holds its random generator's state, so that its random starts go on as if never
-    stopped."""
-    settings = attack_settings(name, args)
-    if name == "natural":
-        correct = correct_per_image(model, batches, desc="natural")
-        return percent(correct), {**settings, "per_image": per_image_string(correct)}
-    if name.startswith("aa-"):
-        accuracy, details = autoattack_accuracy(model, batches.images, batches.labels, norm=settings["norm"],
-                                                eps=settings["eps"], batch_size=batches.batch_size,
-                                                seed=args.seed, device=device)
-        return accuracy, {**settings, **details}
-    if name.startswith("apgd-"):
-        accuracy, details = adaptive_accuracy(model, batches, norm=settings["norm"], eps=settings["eps"],
-                                              iters=settings["iters"], seed=args.seed, done=done,
-                                              on_batch=on_batch)
-        return accuracy, {**settings, **details}
-    gen = torch.Generator(device).manual_seed(args.seed)
-    per_image = done["per_image"] if done else ""
-    if done:
-        generator_from_text(gen, done["generator"])
-    attack = make_pgd(settings["norm"], settings["eps"], settings["step_size"], settings["steps"],
-                      restarts=settings["restarts"], generator=gen, use_bpda=settings["bpda"],
-                      craft_alpha=settings["crafted_at_alpha"])
-
-    def keep(correct):
-        nonlocal per_image
-        per_image += per_image_string(correct)
-        if on_batch:
-            on_batch({"per_image": per_image, "generator": generator_text(gen), "device": device.type})
-
-    correct_per_image(model, batches, attack, desc=name, after_batch=keep)
-    return percent(per_image_bools(per_image)), {**settings, "per_image": per_image}
-
-
-def robustness_curves(model, batches, args, device):
-    """Accuracy against eps for both norms, plain and BPDA PGD."""
+def robustness_curves(model, batches, opts):
+    """Accuracy against eps for every norm, plain and BPDA PGD."""
     curves = {}
-    for norm, grid in PLOT_EPS.items():
-        for use_bpda in (False, True):
-            accs = []
-            for eps in grid:
-                gen = torch.Generator(device).manual_seed(args.seed)
-                attack = make_pgd(norm, eps, eps / 4, args.steps, generator=gen, use_bpda=use_bpda)
-                shown = f"{eps * 255:g}/255" if norm == "linf" else f"{eps:g}"
-                accs.append(evaluate(model, batches, attack,
-                                     desc=f"{'BPDA' if use_bpda else 'PGD'} {norm} eps {shown}"))
-            curves[f"{'bpda' if use_bpda else 'pgd'}-{norm}"] = {"eps": grid, "accuracy": accs}
+    for norm, ball in NORMS.items():
+        for kind in ("pgd", "bpda"):
+            curves[f"{kind}-{norm}"] = {"eps": list(ball.plot_eps), "accuracy": [
+                accuracy(model, batches, f"{kind}-{norm}", opts.at(norm, eps),
+                         desc=f"{kind} {norm} eps {ball.show(eps)}")
+                for eps in ball.plot_eps]}
     return curves
-
-
-def plot_report(report, path, title):
-    """One figure, a panel per part of `report` this run produced: training curves (loss; adversarial
-    training and validation accuracies per epoch), the MeanSparse alpha sweep, accuracy against eps."""
-    import matplotlib      # parse_args has checked that it is installed
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    panels = []
-    if "training" in report:
-        panels += [_plot_training_loss, _plot_training_accuracy]
-    if "calibration" in report:
-        panels.append(_plot_sweep)
-    panels += [lambda ax, r: _plot_curves(ax, r, "linf"), lambda ax, r: _plot_curves(ax, r, "l2")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        panel(ax, report)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    extension = os.path.splitext(path)[1][1:] or "png"
-    atomic_write(path, lambda f: fig.savefig(f, format=extension, dpi=120))
-    plt.close(fig)
 
 
 def _plot_training_loss(ax, report):
@@ -1674,117 +1809,61 @@ def _plot_training_loss(ax, report):
 
 
 def _plot_training_accuracy(ax, report):
-    history = report["training"]["history"]
     for key, label in (("adv_train_acc", "adversarial, training batches"), ("val_clean", "val clean"),
                        ("val_pgd10", "val PGD-10"), ("val_apgd_live", "val APGD (live)"),
                        ("val_apgd_ema", "val APGD (EMA)")):
-        points = [(r["epoch"], r[key]) for r in history if key in r]
+        points = [(r["epoch"], r[key]) for r in report["training"]["history"] if key in r]
         if points:
             ax.plot(*zip(*points), "-" if key == "adv_train_acc" else "-o", markersize=3, label=label)
     ax.set(xlabel="epoch", ylabel="accuracy (%)", title="training")
 
 
-def _plot_sweep(ax, report):
-    sweep = report["calibration"]["sweep"]
+def plot_sweep(ax, calibration):
+    """MeanSparse's alpha sweep: clean, plain PGD, BPDA PGD and the APGD worst case against alpha."""
+    sweep = calibration["sweep"]
     for key, label in (("clean", "clean"), ("plain", "plain PGD"), ("bpda", "BPDA PGD"),
                        ("adaptive", "APGD worst case")):
         if key in sweep[0]:
             ax.plot([r["alpha"] for r in sweep], [r[key] for r in sweep], "-o", markersize=3, label=label)
-    ax.axvline(report["calibration"]["alpha"], color="grey", linestyle=":", label="chosen")
+    ax.axvline(calibration["alpha"], color="grey", linestyle=":", label="chosen")
     ax.set(xlabel="MeanSparse alpha", ylabel="accuracy (%)", title="alpha sweep (validation)")
 
 
-def _plot_curves(ax, report, norm):
+def plot_curves(ax, curves, norm):
+    """Accuracy against eps of one norm, plain and BPDA PGD."""
     for kind, style in (("pgd", "-o"), ("bpda", "--s")):
-        c = report["curves"][f"{kind}-{norm}"]
+        c = curves[f"{kind}-{norm}"]
         xs = [e * 255 for e in c["eps"]] if norm == "linf" else c["eps"]
         ax.plot(xs, c["accuracy"], style, markersize=3, label="plain PGD" if kind == "pgd" else "BPDA PGD")
-    ax.set(xlabel="eps (x/255)" if norm == "linf" else "eps (L2)", ylabel="accuracy (%)",
-           title=f"accuracy against eps, {'L-inf' if norm == 'linf' else 'L2'}")
+    ax.set(xlabel="eps (x/255)" if norm == "linf" else f"eps ({norm})", ylabel="accuracy (%)",
+           title=f"accuracy against eps, {norm}")
 
 
-def sanity_checks(model, batches, args, device, log=print):
-    """Checks that the attack is working on this model; returns (all passed, details)."""
-    n = len(batches.labels)
-
-    def noise(acc):    # two standard errors of a binomial accuracy, at least one image
-        return max(100.0 / n, 2 * 100 * math.sqrt(max(acc / 100 * (1 - acc / 100), 1e-12) / n))
-
-    def run(eps, steps, use_bpda=False):
-        gen = torch.Generator(device).manual_seed(args.seed)
-        return evaluate(model, batches, make_pgd("linf", eps, eps / 4, steps, generator=gen,
-                                                 use_bpda=use_bpda), desc=f"sanity eps {eps * 255:.0f}/255")
-
-    accs = [run(eps, args.steps) for eps in SANITY_EPS_LINF]
-    more = run(EPS_LINF, SANITY_STEPS_FACTOR * args.steps)
-    base = accs[SANITY_EPS_LINF.index(EPS_LINF)]
-    bpda_acc = run(EPS_LINF, args.steps, use_bpda=True)
-    checks = {
-        "accuracy never rises with eps": all(b <= a + noise(a) for a, b in zip(accs, accs[1:])),
-        f"about 0 at eps {SANITY_EPS_LINF[-1] * 255:.0f}/255": accs[-1] <= noise(0.0) + 1.0,
-        f"{SANITY_STEPS_FACTOR}x steps do not raise accuracy": more <= base + noise(base),
-        "BPDA not weaker than plain PGD": bpda_acc <= base + noise(base),
-    }
-    details = {"eps": SANITY_EPS_LINF, "accuracy": accs, f"pgd{SANITY_STEPS_FACTOR * args.steps}": more,
-               "bpda": bpda_acc, "checks": checks}
-    log("sanity (L-inf, eps " + ", ".join(f"{e * 255:.0f}" for e in SANITY_EPS_LINF) + " /255: "
-        + ", ".join(f"{a:.1f}" for a in accs) + f"; PGD-{SANITY_STEPS_FACTOR * args.steps} at 8/255 "
-        f"{more:.1f}; BPDA {bpda_acc:.1f})")
-    for name, ok in checks.items():
-        log(f"  {'PASS' if ok else 'FAIL'}  {name}")
-    return all(checks.values()), details
+def plot_report(report, path, title):
+    """One figure, a panel per part of `report` this run produced: training curves (loss; adversarial
+    training and validation accuracies per epoch), the MeanSparse alpha sweep, accuracy against eps."""
+    import matplotlib      # checked by parse_args
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [_plot_training_loss, _plot_training_accuracy] if "training" in report else []
+    panels += [lambda ax, r: plot_sweep(ax, r["calibration"])] if "calibration" in report else []
+    panels += [functools.partial(lambda ax, r, norm: plot_curves(ax, r["curves"], norm), norm=n) for n in NORMS]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        panel(ax, report)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    extension = os.path.splitext(path)[1][1:].lower()
+    atomic_write(path, lambda f: fig.savefig(f, format=extension, dpi=120))
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------
-def _number(text):
-    """A finite float, or a fraction such as 8/255."""
-    try:
-        if "/" in text:
-            num, den = text.split("/")
-            value = float(num) / float(den)
-        else:
-            value = float(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"not a number: {text!r} (use e.g. 0.031 or 8/255)") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
-    return value
-
-
-def _int(text):
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-
-
-def _checked(parse, ok, rule):
-    """An argparse type: parse(text), then `rule` (the error's words) must hold of the value."""
-    def convert(text):
-        value = parse(text)
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"{rule}, got {text}")
-        return value
-    return convert
-
-
-_non_negative = _checked(_number, lambda v: v >= 0, "must be >= 0")
-_positive = _checked(_number, lambda v: v > 0, "must be > 0")
-_unit_fraction = _checked(_number, lambda v: 0 <= v <= 1, "must be a fraction of the run between 0 and 1")
-_positive_int = _checked(_int, lambda v: v > 0, "must be > 0")
-_non_negative_int = _checked(_int, lambda v: v >= 0, "must be >= 0")
-
-
-def _linf_radius(text):
-    """An L-inf radius or step in [0,1] pixel units: above 1 is almost surely 8 meant as 8/255."""
-    value = _non_negative(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"{text} is above 1, the whole [0,1] pixel range: did you mean {text}/255?")
-    return value
-
-
 def _attack_list(text):
     names = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in names if t not in ATTACKS]
@@ -1795,7 +1874,7 @@ def _attack_list(text):
 
 
 def _alpha_list(text):
-    values = [_non_negative(t) for t in text.split(",") if t.strip()]
+    values = [non_negative(t) for t in text.split(",") if t.strip()]
     if not values:
         raise argparse.ArgumentTypeError(f"not a list of alphas: {text!r}")
     return sorted(set(values) | {0.0})      # alpha = 0 is the reference of the clean-accuracy rule
@@ -1803,148 +1882,217 @@ def _alpha_list(text):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):     # one line, not the whole usage block
-        message = message.replace("argument ", "", 1) if message.startswith("argument ") else message
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {message.removeprefix('argument ')} (see --help)\n")
 
 
-def parse_args(argv=None):
-    p = _Parser(description="Train and honestly evaluate a robust CIFAR-10 WideResNet with MeanSparse.")
-    p.add_argument("--model-file", help=f"model file to test, train or calibrate (default {Net.model_file}, "
-                                        f"the committed model that Net() loads)")
-    p.add_argument("-f", "--force-train", action="store_true", help="train even if the model file exists")
-    p.add_argument("-e", "--num-epochs", type=_positive_int,
-                   help="training epochs (default 30, or as many as --time-budget allows)")
-    g = p.add_argument_group("data and device")
-    g.add_argument("--data-dir", help=f"folder holding cifar-10-batches-py/ (default $CIFAR10_DIR, else "
-                                      f"{DEFAULT_DATA_DIR}; downloaded there if missing)")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="default auto: cuda if there is one")
-    g.add_argument("--batch-size", type=_positive_int, default=512,
-                   help="training batch, over all processes (default 512)")
-    g.add_argument("--eval-batch-size", type=_positive_int,
-                   help=f"evaluation and calibration batch (default {GPU_EVAL_BATCH} on CUDA, {CPU_BATCH} on "
-                        f"the CPU, where small batches are fastest)")
-    g.add_argument("--split", choices=("val", "test"), default="test", help="evaluation split (default test)")
-    g.add_argument("--n-eval", type=_positive_int, help="the first N images of the split (default all)")
-    g.add_argument("--seed", type=_int, default=0,
-                   help="initial weights, data order, attack random starts (default 0)")
-    g = p.add_argument_group("evaluation")
+EXAMPLES = """examples:
+  ./model.py                                          # natural accuracy of the committed model (test split)
+  ./model.py --eval natural,pgd-linf,bpda-linf --n-eval 1000 --report r.json    # run again to continue it
+  ./model.py --eval apgd-linf,apgd-l2 --report r.json # the adaptive evaluation: a GPU job
+  ./model.py --calibrate --model-file copy.pth        # MeanSparse statistics, alpha chosen on validation
+  ./model.py --force-train --time-budget 7 --model-file new.pth --eval natural,pgd-linf
+"""
+
+
+def _add_evaluation_flags(g):
     g.add_argument("--eval", type=_attack_list, default=["natural"], metavar="LIST",
-                   help=f"comma-separated attacks from {', '.join(ATTACKS)} (default natural)")
-    g.add_argument("--eps-linf", type=_linf_radius, default=EPS_LINF, metavar="EPS",
-                   help="L-inf radius of evaluation and training, fractions accepted (default 8/255)")
-    g.add_argument("--eps-l2", type=_non_negative, default=EPS_L2, metavar="EPS",
-                   help=f"L2 radius (default {EPS_L2:g})")
-    g.add_argument("--steps", type=_non_negative_int, default=EVAL_STEPS,
+                   help=f"comma-separated rows from {', '.join(ATTACKS)} (default natural)")
+    for name, norm in NORMS.items():
+        g.add_argument(f"--eps-{name}", type=norm.parse, default=norm.eps, metavar="EPS",
+                       help=f"{name} radius{' of evaluation and training' if name == 'linf' else ''}, fractions "
+                            f"accepted (default {norm.show(norm.eps)})")
+        g.add_argument(f"--step-{name}", type=norm.parse, metavar="SIZE", help=f"{name} PGD step (default eps/4)")
+    g.add_argument("--steps", type=non_negative_int, default=EVAL_STEPS,
                    help=f"PGD steps of evaluation and calibration (default {EVAL_STEPS})")
-    g.add_argument("--step-linf", type=_linf_radius, metavar="SIZE", help="L-inf PGD step (default eps/4)")
-    g.add_argument("--step-l2", type=_non_negative, metavar="SIZE", help="L2 PGD step (default eps/4)")
-    g.add_argument("--restarts", type=_positive_int, default=1,
+    g.add_argument("--restarts", type=positive_int, default=1,
                    help="PGD random restarts, worst case kept per image (default 1)")
-    g.add_argument("--apgd-iters", type=_positive_int, default=APGD_ITERS,
+    g.add_argument("--apgd-iters", type=positive_int, default=APGD_ITERS,
                    help=f"iterations of each APGD run of apgd-* and the adaptive calibration (default {APGD_ITERS})")
-    g.add_argument("--alpha", type=_non_negative,
+    g.add_argument("--alpha", type=non_negative,
                    help="MeanSparse alpha for this evaluation only; 0 turns MeanSparse off (default the file's)")
-    g.add_argument("--report", metavar="FILE.json", help="write the results as JSON")
+    g.add_argument("--report", metavar="FILE.json", help="write the results as JSON after every batch; a run of "
+                                                         "the same model, images and seed continues it")
     g.add_argument("--plot", metavar="FILE.png", help="plot accuracy against eps, and the alpha sweep and "
                                                       "training curves of this run (matplotlib)")
     g.add_argument("--sanity", action="store_true", help="check that the attack works (PASS/FAIL, exit 1 on FAIL)")
-    g = p.add_argument_group("MeanSparse calibration")
-    g.add_argument("--calibrate", action="store_true",
-                   help="collect statistics on the training split, choose alpha on validation, save")
-    g.add_argument("--n-train", type=_positive_int,
-                   help="the first N training images, for statistics and training: a smoke run (default all)")
-    g.add_argument("--reuse-statistics", action="store_true",
-                   help="keep the file's MeanSparse statistics and only choose alpha again (needs no training data)")
-    g.add_argument("--alpha-grid", type=_alpha_list, default=_alpha_list(ALPHA_GRID), metavar="LIST",
-                   help=f"alphas to try, 0 always among them (default {ALPHA_GRID})")
-    g.add_argument("--alpha-criterion", choices=("adaptive", "bpda", "plain"), default="adaptive",
-                   help="what picks alpha: the APGD worst case (default), BPDA PGD, or plain PGD, which "
-                        "rewards gradient masking (see README)")
-    g = p.add_argument_group("training")
-    g.add_argument("--arch", help=f"WideResNet DEPTH-WIDTH to train (default {DEFAULT_ARCH}, what Net() builds)")
-    g.add_argument("--time-budget", type=_positive, metavar="MINUTES",
-                   help="fix the number of epochs so that the whole schedule ends within this time")
-    g.add_argument("--train-steps", type=_non_negative_int, default=5,
-                   help="PGD steps K of the training attack (default 5; 0: no attack)")
-    g.add_argument("--train-step-size", type=_linf_radius, metavar="SIZE",
-                   help="step of the training attack at the full eps (default 2.5 eps/K)")
-    g.add_argument("--eps-ramp", type=_unit_fraction, default=0.0, metavar="F",
-                   help="the training eps rises linearly from 0 over this fraction of the run (default 0: none)")
-    g.add_argument("--trades", type=_non_negative, metavar="BETA", help="TRADES instead of PGD-AT (default off)")
-    g.add_argument("--awp", type=_non_negative, metavar="GAMMA",
-                   help="adversarial weight perturbation of relative size GAMMA, e.g. 5e-3 (default off)")
-    g.add_argument("--awp-warmup", type=_non_negative, default=0.0, metavar="EPOCHS",
-                   help="epochs without AWP at the start (default 0)")
-    g.add_argument("--lr", type=_non_negative, default=0.2, help="peak learning rate (default 0.2)")
-    g.add_argument("--warmup-epochs", type=_non_negative, default=2.0, metavar="EPOCHS",
-                   help="linear learning-rate warm-up (default 2)")
-    g.add_argument("--label-smoothing", type=_non_negative, default=0.0, metavar="S", help="(default 0)")
-    g.add_argument("--ema", type=_number, metavar="DECAY", help="EMA of the weights with this decay (default off)")
-    g.add_argument("--ema-start", type=_unit_fraction, default=0.0, metavar="F",
-                   help="the EMA starts at this fraction of the run, copying the weights before (default 0)")
-    g.add_argument("--select-from", type=_unit_fraction, metavar="F",
-                   help="from this fraction of the run on, keep the weights (live or EMA) with the best "
-                        "validation APGD check (default off: the better of final and EMA by PGD-10)")
-    g.add_argument("--select-n", type=_positive_int, default=SELECT_IMAGES, metavar="N",
-                   help=f"validation images of each APGD check (default {SELECT_IMAGES})")
-    g.add_argument("--val-every", type=_positive_int, default=5, metavar="EPOCHS",
-                   help="epochs between validation checks (default 5)")
-    g.add_argument("--resume", action="store_true",
-                   help="with --force-train: continue training from <model-file>.ckpt; else continue the "
-                        "interrupted evaluation in --report (its finished rows kept, an APGD or PGD row continued)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+
+
+def _add_other_flags(calibration, data):
+    calibration.add_argument("--calibrate", action="store_true",
+                             help="collect statistics on the training split, choose alpha on validation, save")
+    calibration.add_argument("--reuse-statistics", action="store_true", help="keep the file's MeanSparse "
+                             "statistics and only choose alpha again (needs no training data)")
+    calibration.add_argument("--alpha-grid", type=_alpha_list, default=list(ALPHA_GRID), metavar="LIST",
+                             help=f"alphas to try, 0 always among them (default {','.join(map(str, ALPHA_GRID))})")
+    calibration.add_argument("--alpha-criterion", choices=("adaptive", "bpda", "plain"), default="adaptive",
+                             help="what picks alpha: the APGD worst case (default), BPDA PGD, or plain PGD, which "
+                                  "rewards gradient masking (see docs/meansparse.md)")
+    data.add_argument("--data-dir", help=f"folder holding cifar-10-batches-py/ (default $CIFAR10_DIR, else "
+                                         f"{DEFAULT_DATA_DIR}; downloaded there if missing)")
+    data.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                      help="default auto: cuda if there is one")
+    data.add_argument("--eval-batch-size", type=positive_int, help=f"evaluation and calibration batch (default "
+                      f"{GPU_EVAL_BATCH} on CUDA, {CPU_BATCH} on the CPU, where small batches are fastest)")
+    data.add_argument("--split", choices=("val", "test"), default="test", help="evaluation split (default test)")
+    data.add_argument("--n-eval", type=positive_int, help="the first N images of the split (default all)")
+
+
+def _add_config_flags(groups):
+    """A flag for every TrainConfig field with a help text, its default taken from the field."""
+    for field in dataclasses.fields(TrainConfig):
+        meta = field.metadata
+        if "help" not in meta:
+            continue
+        flags, group = meta["flag"] or ("--" + field.name.replace("_", "-"),), groups[meta["group"]]
+        if meta["type"] is bool:
+            group.add_argument(*flags, dest=field.name, action="store_true", default=None, help=meta["help"])
+        else:
+            shown = meta["shown"] or (f"{field.default:g}" if isinstance(field.default, float) else field.default)
+            group.add_argument(*flags, dest=field.name, type=meta["type"], metavar=meta["metavar"],
+                               help=f"{meta['help']} (default {shown})")
+
+
+def parse_args(argv=None):
+    linf, l2 = NORMS["linf"].cpu_seconds, NORMS["l2"].cpu_seconds
+    p = _Parser(description="Train and honestly evaluate robust CIFAR-10 networks with MeanSparse.",
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES + (
+                    f"apgd-* and aa-* rows cost about {linf:g} s (L-inf) and {l2:g} s (L2) per image on a 2-core CPU: "
+                    f"{linf * 1000 / 3600:.1f} and {l2 * 1000 / 3600:.1f} hours per 1,000 images, a GPU job."))
+    p.add_argument("--model-file", help=f"model file to test, train or calibrate (default {Net.model_file}, "
+                                        f"the committed model that Net() loads)")
+    p.add_argument("-f", "--force-train", action="store_true", help="train even if the model file exists")
+    groups = {"eval": p.add_argument_group("evaluate"), "calibrate": p.add_argument_group("calibrate MeanSparse"),
+              "train": p.add_argument_group("train"), "data": p.add_argument_group("data and device")}
+    _add_evaluation_flags(groups["eval"])
+    _add_other_flags(groups["calibrate"], groups["data"])
+    _add_config_flags(groups)
+    groups["train"].add_argument("--resume", action="store_true", help="continue training from <model-file>.ckpt "
+                                 "(with --force-train), or insist on continuing --report")
     args = p.parse_args(argv)
-    args.model_file_given = args.model_file is not None
-    args.model_file = args.model_file or Net.model_file
-    args.arch_given = args.arch is not None
-    args.arch = args.arch or DEFAULT_ARCH
-    args.resume_report = None       # check_run reads it for an evaluation's --resume
-    args.saved = None               # "trained", then "calibrated": what this run has saved (interrupt hints)
-    args.interrupt_hint = None      # what an interrupted evaluation kept, and how to continue it
-    if args.num_epochs and args.time_budget:
-        p.error("give -e/--num-epochs or --time-budget, not both")
-    if args.ema is not None and not 0 < args.ema < 1:
-        p.error("--ema must be between 0 and 1")
-    if args.ema_start and args.ema is None:
-        p.error("--ema-start needs --ema DECAY")
-    if args.label_smoothing >= 1:
-        p.error("--label-smoothing must be < 1")
-    if args.calibrate and args.alpha is not None:
-        p.error("--calibrate chooses alpha itself; drop --alpha")
-    if args.reuse_statistics and (not args.calibrate or args.force_train):
-        p.error("--reuse-statistics chooses alpha again for an existing model: use it with --calibrate alone")
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        p.error("--plot needs matplotlib: pip install matplotlib (or drop --plot; --report keeps the numbers)")
+    args.model_file_given, args.model_file = args.model_file is not None, args.model_file or Net.model_file
+    extension = os.path.splitext(args.plot or "")[1][1:].lower()
+    for bad, message in [
+            (args.epochs and args.time_budget, "give -e/--num-epochs or --time-budget, not both"),
+            (args.ema_start and args.ema is None, "--ema-start needs --ema DECAY"),
+            (args.calibrate and args.alpha is not None, "--calibrate chooses alpha itself; drop --alpha"),
+            (args.reuse_statistics and (not args.calibrate or args.force_train),
+             "--reuse-statistics chooses alpha again for an existing model: use it with --calibrate alone"),
+            (args.plot and extension not in PLOT_FORMATS, f"--plot {args.plot}: give a file name ending in "
+                                                          f".{', .'.join(PLOT_FORMATS)}")]:
+        if bad:
+            p.error(message)
     return args
 
 
-def pick_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device here; use --device cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def device_name(device):
-    device = torch.device(device)
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
 def train_config(args):
-    return TrainConfig(arch=args.arch, epochs=args.num_epochs if args.num_epochs or args.time_budget else 30,
-                       time_budget=args.time_budget, batch_size=args.batch_size, lr=args.lr,
-                       warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
-                       eps=args.eps_linf, attack_steps=args.train_steps, attack_step_size=args.train_step_size,
-                       eps_ramp=args.eps_ramp, trades=args.trades, awp=args.awp, awp_warmup=args.awp_warmup,
-                       ema=args.ema, ema_start=args.ema_start, select_from=args.select_from,
-                       select_n=args.select_n, val_every=args.val_every, n_train=args.n_train, seed=args.seed,
-                       compile=args.compile)
+    """The TrainConfig of the flags: the fields of the flags given, the defaults of the others."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if "help" in f.metadata and getattr(args, f.name) is not None}
+    return TrainConfig(**given, eps=args.eps_linf, **({"epochs": None} if args.time_budget else {}))
 
 
 def warn(message):
     print(f"warning: {message}", file=sys.stderr)
+
+
+def images_of(split, n_eval=None):
+    """How many images an evaluation of `split` with --n-eval `n_eval` (None: all) attacks."""
+    return min(n_eval or SPLIT_SIZES[split], SPLIT_SIZES[split])
+
+
+def progress_file(model_file):
+    """Where a calibration of `model_file` keeps its rows until it saves (see `calibrate`)."""
+    return model_file + ".calibration.json"
+
+
+@dataclasses.dataclass
+class RunState:
+    """What this run does and how far it got: set from the flags before any work, read by its checks, its
+    steps and the message an interruption prints (stage, and what it has saved)."""
+    cfg: TrainConfig
+    opts: AttackOptions
+    device: torch.device
+    train: bool                     # --force-train, or the model file is missing
+    calibrate: bool
+    command: str
+    rank: int = 0
+    world_size: int = 1
+    stage: str = "starting"         # then training, calibrating, evaluating
+    saved: str = None               # "trained", then "calibrated": what this run wrote into the model file
+
+    @property
+    def writes_model(self):
+        return self.train or self.calibrate
+
+
+def plan(args, argv):
+    """The run's state from the flags, the device and torchrun's environment; the flags' own errors and
+    warnings come here, before any file is touched."""
+    rank, world_size, local_rank = distributed_context()
+    device = pick_device(args.device)
+    if world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    cfg = train_config(args)
+    opts = AttackOptions(eps={n: getattr(args, f"eps_{n}") for n in NORMS}, steps=args.steps, seed=cfg.seed,
+                         step={n: getattr(args, f"step_{n}") for n in NORMS}, restarts=args.restarts,
+                         apgd_iters=args.apgd_iters)
+    state = RunState(cfg, opts, device, train=args.force_train or not os.path.exists(args.model_file),
+                     calibrate=args.calibrate, command=" ".join(["./model.py", *(sys.argv[1:] if argv is None
+                                                                                 else argv)]),
+                     rank=rank, world_size=world_size)
+    check_flags(args, state)
+    for message in flag_warnings(args, state) if rank == 0 else []:
+        warn(message)
+    return state
+
+
+def check_flags(args, state):
+    """Combinations of flags that cannot work, as a UserError before any file is read."""
+    for bad, message in [
+            (state.world_size > 1 and not args.force_train,
+             "torchrun is for training: add --force-train (evaluation runs in one process)"),
+            (args.resume and state.train and not args.force_train,
+             f"--resume: {args.model_file} does not exist; to continue training add --force-train"),
+            (args.resume and not state.train and (args.calibrate or not args.report), "--resume continues "
+             "training (with --force-train) or the evaluation in --report (an interrupted calibration or "
+             "evaluation also continues when its command is run again)"),
+            (state.train and args.alpha and not args.calibrate,
+             "--alpha needs MeanSparse statistics, which a newly trained model gets only with --calibrate"),
+            (args.reuse_statistics and state.train,
+             f"--reuse-statistics: {args.model_file} does not exist, so it has no statistics to reuse")]:
+        if bad:
+            raise UserError(message)
+    for name in args.eval + (["apgd-linf"] if args.calibrate and args.alpha_criterion == "adaptive" else []):
+        ATTACKS[name](None, state.opts)         # an attack that needs pyautoattack says so now
+    if state.train and state.cfg.select_from is not None:
+        import_pyautoattack()
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise UserError("--plot needs matplotlib: pip install matplotlib (or drop --plot; --report keeps the numbers)")
+
+
+def flag_warnings(args, state):
+    """What is odd but allowed: settings that do nothing, or something else than they seem to."""
+    cfg, rows = state.cfg, [ATTACKS[name](None, state.opts) for name in args.eval]
+    odd = [(args.steps == 0 and (args.calibrate or args.sanity or args.plot or
+                                 any(isinstance(r, PGDAttack) for r in rows)),
+            "--steps 0: PGD makes no step, so the PGD rows measure the random start only"),
+           (args.n_eval and args.n_eval > SPLIT_SIZES[args.split], f"--n-eval {args.n_eval}: the {args.split} "
+            f"split has {SPLIT_SIZES[args.split]:,} images; using all of them"),
+           (args.arch is not None and not state.train, f"--arch {args.arch} is ignored: this run does not train, "
+            f"and {args.model_file} brings its own architecture"),
+           (state.train and not args.force_train, f"{args.model_file} does not exist, so this run TRAINS a new model "
+            f"from scratch, as if --force-train were given (an estimate of its length follows after the first "
+            f"steps); Ctrl-C now if the path is misspelt"),
+           (state.train and args.awp_warmup and cfg.awp is None, "--awp-warmup does nothing without --awp"),
+           (state.train and cfg.ema and cfg.ema_start == 1,
+            "--ema-start 1: the EMA starts at the end of the run and equals the final weights"),
+           (state.train and cfg.attack_steps == 0 and cfg.trades is not None,
+            "--train-steps 0 with --trades: without an attack TRADES's KL term is 0, so this is natural training")]
+    odd += [(eps == 0 and (any(r.settings.get("norm") == norm for r in rows) or norm == "linf" and state.train),
+             f"--eps-{norm} 0: the {norm} rows{' and the training attack' if norm == 'linf' else ''} perturb nothing")
+            for norm, eps in state.opts.eps.items()]
+    return [message for bad, message in odd if bad]
 
 
 def _same_file(a, b):
@@ -1957,7 +2105,7 @@ def is_committed_model(path):
                (Net.model_file, os.path.join(os.path.dirname(os.path.abspath(__file__)), Net.model_file)))
 
 
-def _check_writable(flag, path):
+def check_writable(flag, path):
     """`path` can be written (by atomic_write, which creates missing folders): one line otherwise."""
     if os.path.isdir(path):
         raise UserError(f"{flag} {path}: is a directory; give a file name")
@@ -1974,134 +2122,10 @@ def _check_writable(flag, path):
         raise UserError(f"{flag} {path}: cannot write in {folder} ({e.strerror})") from None
 
 
-def images_of(split, n_eval=None):
-    """How many images an evaluation of `split` with --n-eval `n_eval` (None: all) attacks."""
-    size = NUM_VAL if split == "val" else 10_000
-    return min(n_eval or size, size)
-
-
-def sweep_progress_file(model_file):
-    """Where a calibration of `model_file` keeps its finished alphas until it saves (see `calibrate`)."""
-    return model_file + ".calibration.json"
-
-
-def check_run(args, train_now, world_size):
-    """Every check that needs no data and no model, before any work: a bad combination, an output path
-    that cannot be written or would overwrite an input or another output, the committed model at risk.
-    Raises UserError; returns warnings for what is odd but allowed."""
-    odd = []
-    writes_model = train_now or args.calibrate
-    if world_size > 1 and not args.force_train:
-        raise UserError("torchrun is for training: add --force-train (evaluation runs in one process)")
-    if args.resume and train_now and not args.force_train:
-        raise UserError(f"--resume: {args.model_file} does not exist; to continue training add --force-train")
-    checkpoint = args.model_file + ".ckpt"
-    if args.resume and args.force_train and not os.path.isfile(checkpoint):
-        raise UserError(f"--resume: no checkpoint {checkpoint}; run without --resume to start")
-    if args.resume and not train_now:
-        args.resume_report = resumable_report(args)
-        if args.eval_batch_size is None:        # the same batches give the same APGD random starts
-            args.eval_batch_size = args.resume_report.get("eval_batch_size")
-        elif args.eval_batch_size != args.resume_report.get("eval_batch_size"):
-            odd.append(f"--eval-batch-size {args.eval_batch_size}: {args.report} was made with batches of "
-                       f"{args.resume_report.get('eval_batch_size')}, so a continued APGD row starts its random "
-                       f"starts from other batches than an uninterrupted run would (as strong, not the same bits)")
-    if train_now and not args.resume and (problem := unfinished_run(checkpoint)):
-        raise UserError(problem)        # train() would say so too, but only after loading the data
-    if not (args.resume and not train_now) and (problem := unfinished_report(args.report)):
-        raise UserError(problem)
-    if train_now and args.alpha and not args.calibrate:
-        raise UserError("--alpha needs MeanSparse statistics, which a newly trained model gets only with "
-                        "--calibrate")
-    needs_apgd = (any(a.startswith(("apgd-", "aa-")) for a in args.eval)
-                  or (args.calibrate and args.alpha_criterion == "adaptive")
-                  or (train_now and args.select_from is not None))
-    if needs_apgd:
-        import_pyautoattack()       # before the work that would end in needing it
-    if args.reuse_statistics and train_now:
-        raise UserError(f"--reuse-statistics: {args.model_file} does not exist, so it has no statistics to reuse")
-    if writes_model and args.n_train and not args.model_file_given:
-        raise UserError(f"--n-train makes a smoke run: name its output with --model-file (the default, "
-                        f"{args.model_file}, is the committed model)")
-    if train_now and is_committed_model(args.model_file) and parse_arch(args.arch) != parse_arch(DEFAULT_ARCH):
-        raise UserError(f"--arch {args.arch}: {args.model_file} is the file Net() loads (a WRN-{DEFAULT_ARCH}), "
-                        f"which the grader and test_project.py need; pass --model-file for another architecture")
-    outputs = [("--model-file", args.model_file)] if writes_model else []
-    outputs += [("checkpoint", checkpoint)] if train_now else []
-    outputs += [("calibration progress", sweep_progress_file(args.model_file))] if args.calibrate else []
-    outputs += [("backup", args.model_file + ".prev")] if writes_model and os.path.exists(args.model_file) else []
-    outputs += [(flag, path) for flag, path in (("--report", args.report), ("--plot", args.plot)) if path]
-    outputs += [("backup", args.report + ".prev")] if args.report and os.path.exists(args.report) else []
-    for i, (flag, path) in enumerate(outputs):
-        _check_writable(flag, path)
-        for other_flag, other in outputs[:i] + ([] if writes_model else [("--model-file", args.model_file)]):
-            if _same_file(path, other):
-                raise UserError(f"{flag} {path} is the same file as {other_flag} {other}; writing it would "
-                                f"destroy that one: give another name")
-    if args.steps == 0 and (args.calibrate or args.sanity or args.plot or
-                            any(a.split("-")[0] in ("pgd", "bpda", "transfer") for a in args.eval)):
-        odd.append("--steps 0: PGD makes no step, so the PGD rows measure the random start only")
-    if args.n_eval and args.n_eval > images_of(args.split):
-        odd.append(f"--n-eval {args.n_eval}: the {args.split} split has {images_of(args.split):,} images; using "
-                   f"all of them")
-    if args.arch_given and not train_now:
-        odd.append(f"--arch {args.arch} is ignored: this run does not train, and {args.model_file} brings its "
-                   f"own architecture")
-    if train_now and not args.force_train:
-        odd.append(f"{args.model_file} does not exist, so this run TRAINS a new model from scratch, as if "
-                   f"--force-train were given (an estimate of its length follows after the first steps); "
-                   f"Ctrl-C now if the path is misspelt")
-    return odd
-
-
-def unfinished_report(path):
-    """Why a run must not start over the report at `path`, or None: it holds an interrupted evaluation,
-    maybe hours of APGD, which only --resume continues (a run that starts over would keep it as .prev only
-    until the next one)."""
-    report = read_json(path) if path and os.path.isfile(path) else None
-    # no report, one of another tool (replaced, and kept as .prev), or a complete one: nothing to lose
-    if not (isinstance(report, dict) and report.get("complete") is False and isinstance(report.get("results"), dict)):
-        return None
-    rows = [f"{name} ({row['n_done']} of {row['n']} images)" if row.get("complete") is False else name
-            for name, row in report["results"].items() if isinstance(row, dict)]
-    return (f"--report {path} holds an unfinished evaluation (finished: {', '.join(rows) or 'nothing yet'}): "
-            f"continue it with --resume (the evaluation's flags alone, without --force-train or --calibrate), "
-            f"or delete it or give another --report to start over")
-
-
-def resumable_report(args):
-    """The report an evaluation's --resume continues: readable, and made of the same model file, split,
-    images and seed as this run (its rows' own settings are compared row by row when they are reused)."""
-    if args.calibrate:
-        raise UserError("--resume continues training (with --force-train) or an evaluation (with --report); an "
-                        "interrupted calibration continues by itself: drop --resume")
-    if not args.report:
-        raise UserError("--resume without --force-train continues an interrupted evaluation: give its --report")
-    if not os.path.isfile(args.report):
-        raise UserError(f"--resume: no report {args.report}; run without --resume to start")
-    try:
-        with open(args.report) as f:
-            report = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--resume: cannot read {args.report} ({e})") from None
-    if not isinstance(report, dict) or not isinstance(report.get("results"), dict):
-        raise UserError(f"--resume: {args.report} is not a report of model.py")
-    expected = {"model file (sha256)": ("model_sha256", file_sha256(args.model_file)),
-                "--split": ("split", args.split), "number of images": ("n", images_of(args.split, args.n_eval)),
-                "--seed": ("seed", args.seed)}
-    for what, (key, value) in expected.items():
-        if report.get(key) != value:
-            there = report.get(key, "not recorded")
-            raise UserError(f"--resume: {args.report} was made with another {what} ({there} there, {value} here); "
-                            f"repeat its own command (in the report) with --resume, or run without --resume")
-    return report
-
-
 @contextlib.contextmanager
 def write_lock(target, flag="--model-file"):
     """Holds <target>.lock (an fcntl lock) while this run may write `target` (the model file, --report): a
-    second run that would write it stops at once, naming the first. No-op where fcntl does not exist
-    (Windows)."""
+    second run that would write it stops at once, naming the first. No-op without fcntl (Windows)."""
     try:
         import fcntl
     except ImportError:
@@ -2116,13 +2140,11 @@ def write_lock(target, flag="--model-file"):
                 raise BlockingIOError       # its holder finished and removed it just now: a race, not ours
         except BlockingIOError:
             f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise UserError(f"{target} is being written by another run ({holder}); wait for it to end "
-                            f"or give this one another {flag}") from None
+            raise UserError(f"{target} is being written by another run ({f.read().strip() or 'another process'}); "
+                            f"wait for it to end or give this one another {flag}") from None
         f.seek(0)
         f.truncate()
-        f.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                f"{' '.join(['./model.py'] + sys.argv[1:])}")
+        f.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)}")
         f.flush()
         try:
             yield
@@ -2130,271 +2152,245 @@ def write_lock(target, flag="--model-file"):
             os.unlink(path)     # before the lock is released, so that no one locks a file about to vanish
 
 
-def apgd_cost_note(args):
-    """A note before APGD work (apgd-*, aa-* rows, the adaptive calibration) that would take a CPU more than
-    ten minutes: a GPU job, and the flags that make it smaller. None when it is short."""
-    work, seconds = 0, 0.0
+def _check_committed_model(args, state):
+    """The file Net() loads is written only by a full-size run of Net's architecture, or when named."""
+    smoke = [flag for flag, given in (("--n-train", state.cfg.n_train is not None),
+                                      ("--n-eval", args.calibrate and args.n_eval is not None),
+                                      ("--steps", args.calibrate and args.steps < EVAL_STEPS),
+                                      ("--apgd-iters", args.calibrate and args.apgd_iters < APGD_ITERS)) if given]
+    if smoke and not args.model_file_given:
+        raise UserError(f"{smoke[0]} makes a smoke run: name its output with --model-file (the default, "
+                        f"{args.model_file}, is the committed model)")
+    if state.train and parse_arch(state.cfg.arch) != parse_arch(DEFAULT_ARCH):
+        raise UserError(f"--arch {state.cfg.arch}: {args.model_file} is the file Net() loads (a WRN-{DEFAULT_ARCH}), "
+                        f"which the grader and test_project.py need; pass --model-file for another architecture")
+
+
+def prepare_outputs(args, state, locks):
+    """Every check of what this run writes, once, before any work: each output can be written and is no
+    other output, nor the model read, nor a file of another kind; the committed model is safe; then the
+    locks (held in the ExitStack `locks` until the run ends); then training's checkpoint, which only
+    --resume continues."""
+    checkpoint, writes = args.model_file + ".ckpt", state.writes_model
+    outputs = ([("--model-file", args.model_file), ("backup", args.model_file + ".prev")] if writes else []) \
+        + ([("checkpoint", checkpoint)] if state.train else []) \
+        + ([("calibration progress", progress_file(args.model_file))] if args.calibrate else []) \
+        + [(flag, path) for flag, path in (("--report", args.report), ("--plot", args.plot)) if path] \
+        + ([("backup", args.report + ".prev")] if args.report else [])
+    for i, (flag, path) in enumerate(outputs):
+        check_writable(flag, path)
+        for other_flag, other in outputs[:i] + ([] if writes else [("--model-file", args.model_file)]):
+            if _same_file(path, other):
+                raise UserError(f"{flag} {path} is the same file as {other_flag} {other}; writing it would "
+                                f"destroy that one: give another name")
+    report = read_json(args.report) if args.report and os.path.isfile(args.report) else {"results": {}}
+    if not (isinstance(report, dict) and isinstance(report.get("results"), dict)):
+        raise UserError(f"--report {args.report}: exists and is not a report of model.py; give another name")
+    if args.plot and os.path.isfile(args.plot):
+        with open(args.plot, "rb") as f:
+            if not f.read(8).startswith(PLOT_FORMATS[os.path.splitext(args.plot)[1][1:].lower()]):
+                raise UserError(f"--plot {args.plot}: exists and is not such an image; give another name")
+    if writes and is_committed_model(args.model_file):
+        _check_committed_model(args, state)
+    for target, flag in ((args.model_file, "--model-file") if writes else (None, None), (args.report, "--report")):
+        if target and state.rank == 0:  # two runs rewriting one file (a report after every batch) would mix them
+            locks.enter_context(write_lock(target, flag))
+    if state.train and args.resume and not os.path.isfile(checkpoint):
+        raise UserError(f"--resume: no checkpoint {checkpoint}; run without --resume to start")
+    if state.train and not args.resume and os.path.isfile(checkpoint):
+        written = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(checkpoint)))
+        raise UserError(f"{checkpoint} holds an unfinished training run (written {written}): add --resume to "
+                        f"continue it, or delete it to start over")
+
+
+def apgd_cost_note(args, state, report):
+    """A note before APGD work (apgd-* and aa-* rows, the adaptive calibration) that would take a CPU more
+    than LONG_CPU_WORK seconds: a GPU job, and the flags that make it smaller. What the report or the
+    calibration's progress has finished is not counted."""
+    n, seconds, images = images_of(args.split, args.n_eval), 0.0, 0
     for name in args.eval:
-        if name.startswith(("apgd-", "aa-")):
-            images = images_of(args.split, args.n_eval)
-            # a --resume keeps the report's finished rows and continues a stopped one: only the rest counts
-            old, _ = resumable_row(args.resume_report, name, args, "cpu")
-            if old is not None:
-                images = 0 if old.get("complete", True) else images - old["n_done"]
-            work += images
-            seconds += APGD_CPU_SECONDS[name.split("-")[1]] * images
-    kept = ""
+        attack = ATTACKS[name](None, state.opts)
+        old, _ = report.reusable(name, attack, n, "cpu")
+        left = n if old is None else 0 if old.get("complete", True) else n - old["n_done"]
+        seconds, images = seconds + attack.cpu_seconds() * left, images + (left if attack.cpu_seconds() else 0)
     if args.calibrate and args.alpha_criterion == "adaptive":
-        alphas = {f"{a:g}" for a in set(args.alpha_grid) | {0.0}}
-        # an interrupted calibration's finished alphas are taken over (if its settings match): not counted
-        progress = read_json(sweep_progress_file(args.model_file))
-        entries = progress.get("alphas") if isinstance(progress, dict) else None
-        finished = sorted(a for a, e in entries.items() if a in alphas and isinstance(e, dict) and "robust" in e
-                          ) if isinstance(entries, dict) else []
-        swept = (len(alphas) - len(finished)) * images_of("val", args.n_eval)
-        work += swept
-        seconds += swept * APGD_CPU_SECONDS["linf"]       # the calibration's criterion is apgd-linf
-        if finished:
-            kept = (f"; not counted: alpha {', '.join(finished)}, finished in {sweep_progress_file(args.model_file)} "
-                    f"(taken over if made with the same weights and settings)")
-    seconds *= args.apgd_iters / APGD_ITERS
-    if seconds <= 600:
+        rows = (read_json(progress_file(args.model_file)) or {}).get("results") or {}
+        done = {name for name, row in rows.items() if isinstance(row, dict) and row.get("complete", True)}
+        swept = sum(f"alpha {a:g} apgd-linf" not in done for a in args.alpha_grid) * images_of("val", args.n_eval)
+        seconds, images = seconds + ATTACKS["apgd-linf"](None, state.opts).cpu_seconds() * swept, images + swept
+    if seconds <= LONG_CPU_WORK:
         return None
-    return (f"note: this run attacks {work:,} images with APGD (each alpha of the adaptive calibration, each "
+    return (f"note: this run attacks {images:,} images with APGD (each alpha of the adaptive calibration, each "
             f"apgd-*/aa-* row): about {_duration(seconds)} on a 2-core CPU, a GPU job; --n-eval, --alpha-grid "
-            f"and --apgd-iters make it smaller{kept}")
+            f"and --apgd-iters make it smaller")
 
 
-def keep_previous(path, log):
-    """Copy `path` (None: nothing to keep) to <path>.prev before a run first replaces it: a retraining that
-    turns out worse, or a --model-file or --report that named the wrong file, loses nothing. One generation
-    is kept. Returns None, so that the run's later saves keep nothing more."""
-    if path is not None:
-        with open(path, "rb") as src:
-            atomic_write(path + ".prev", lambda f: shutil.copyfileobj(src, f))
-        log(f"kept the file this run replaces as {path}.prev")
-    return None
+def save_model(model, args, state, meta, log, what):
+    """Write the model file (the one from before this run kept once as .prev); `what` this run has saved."""
+    if state.saved is None and os.path.isfile(args.model_file):
+        keep_previous(args.model_file, log)
+    model.save(args.model_file, meta)
+    state.saved = what
+    log(f"saved {args.model_file}" + (" (calibrated)" if what == "calibrated" else ""))
+
+
+def train_model(args, state, data, log):
+    """Train, save the model file, and return the model as the file holds it (float16 weights): what is
+    calibrated and evaluated next is what was saved. None on a rank other than 0."""
+    cfg, checkpoint = state.cfg, args.model_file + ".ckpt"
+    if state.device.type == "cpu" and cfg.n_train is None:
+        log("note: training on the CPU takes days; use a GPU, or --n-train/--arch for a smoke run")
+    if state.world_size > 1:
+        torch.distributed.init_process_group("nccl" if state.device.type == "cuda" else "gloo")
+    train_set, val_set = data("train"), data("val")
+    state.stage = "training"
+    torch.manual_seed(cfg.seed)        # the initial weights: the same command gives the same model
+    model, info = train(build_model(cfg.arch).to(state.device), train_set, val_set, cfg, device=state.device,
+                        checkpoint_path=checkpoint, resume=args.resume, log=log)
+    if state.world_size > 1:
+        torch.distributed.destroy_process_group()
+        if state.rank != 0:
+            return None
+    # saved before calibration and evaluation: an interruption from here on keeps the trained weights
+    save_model(model, args, state, {"training": info}, log, "trained")
+    if os.path.exists(checkpoint):
+        os.unlink(checkpoint)      # the model file now holds everything the checkpoint did
+    return load_model(args.model_file, state.device)
+
+
+def calibrate_model(model, args, state, data, batch_size, log):
+    """MeanSparse statistics (or the file's) and the alpha chosen on the validation split, saved."""
+    val = tuple(t[:args.n_eval] for t in data("val"))
+    if args.reuse_statistics and "calibration" not in model.meta:
+        raise UserError(f"--reuse-statistics: {args.model_file} has no MeanSparse statistics yet; drop the flag")
+    stats_set = None if args.reuse_statistics else tuple(t[:state.cfg.n_train] for t in data("train"))
+    n_train = model.meta["calibration"].get("n_train") if stats_set is None else len(stats_set[1])
+    log(f"calibrating MeanSparse: {'the file' if stats_set is None else 'new'} statistics on {n_train} training "
+        f"images, alpha sweep on {len(val[1])} validation images")
+    state.stage = "calibrating"
+    stats = None if stats_set is None else Batches(*stats_set, batch_size, device=state.device)
+    alpha, sweep = calibrate(model, stats, Batches(*val, batch_size, device=state.device), args.alpha_grid, state.opts,
+                             criterion=args.alpha_criterion, log=log, progress_path=progress_file(args.model_file))
+    calibration = {"alpha": alpha, "criterion": args.alpha_criterion, "steps": args.steps, "eps": args.eps_linf,
+                   "apgd_iters": args.apgd_iters if args.alpha_criterion == "adaptive" else None,
+                   "n_train": n_train, "n_val": len(val[1]), "sweep": sweep}
+    save_model(model, args, state, {**model.meta, "calibration": calibration}, log, "calibrated")
+    if os.path.exists(progress_file(args.model_file)):
+        os.unlink(progress_file(args.model_file))     # the model file now holds the sweep
+
+
+def apply_alpha(model, args):
+    """--alpha: MeanSparse's threshold for this run only."""
+    calibrated = model.meta.get("calibration", {}).get("sweep")
+    if args.alpha > 0 and not calibrated:
+        raise UserError(f"{args.model_file}: has no MeanSparse statistics; run --calibrate first")
+    largest = max((row["alpha"] for row in calibrated or []), default=0.0)
+    if args.alpha > largest:
+        warn(f"--alpha {args.alpha:g} is above the largest calibrated value ({largest:g}): MeanSparse will "
+             f"replace most activations by their channel means")
+    set_alpha(model, args.alpha)
+
+
+def evaluate_model(model, args, state, data, report, log):
+    """Every row of --eval, then --sanity and --plot's curves, into the report; a run that trained or
+    calibrated also records the figures in the model file."""
+    images, labels = (t[:args.n_eval] for t in data(args.split))
+    batches = Batches(images, labels, report.data["eval_batch_size"], device=state.device)
+    state.stage = "evaluating"
+    evaluate_rows(model, args.eval, report, batches, state.opts, log)
+    if "natural" in report.rows:
+        print(f"Model natural accuracy ({args.split}): {report.rows['natural']['accuracy']:.2f}")
+    if args.sanity:
+        report.data["sanity"] = sanity_checks(model, batches, state.opts, log=log)
+        log(f"sanity: {'PASS' if report.data['sanity']['passed'] else 'FAIL'}")
+    if args.plot:
+        report.data["curves"] = robustness_curves(model, batches, state.opts)
+    if state.saved:
+        report.data.update({part: model.meta[part] for part in ("training", "calibration") if part in model.meta})
+        if args.alpha is None:      # the figures of the file as saved, without the per-image records
+            results = {name: {k: v for k, v in row.items() if k != "per_image"} for name, row in report.rows.items()}
+            model.save(args.model_file, {**model.meta, "evaluation": {
+                "split": args.split, "n": len(labels), "alpha": get_alpha(model), "results": results}})
+    report.save(finished=True)
+    if args.plot:
+        plot_report(report.data, args.plot, f"{model.arch_name}, alpha {get_alpha(model):g}, n={len(labels)}")
+        log(f"wrote {args.plot}")
+    if args.report:
+        log(f"wrote {args.report}")
+    return report.data.get("sanity", {}).get("passed", True)
+
+
+def open_report(args, state, model, log):
+    """The evaluation's report, continued from --report's file when that was made with the same model file,
+    split, images, seed and alpha (then with its batch size, unless --eval-batch-size says otherwise)."""
+    saved = read_json(args.report) if args.report and os.path.isfile(args.report) else None
+    batch_size = args.eval_batch_size or isinstance(saved, dict) and saved.get("eval_batch_size") or (
+        GPU_EVAL_BATCH if state.device.type == "cuda" else CPU_BATCH)
+    header = {"model_file": args.model_file, "model_sha256": file_sha256(args.model_file), "split": args.split,
+              "n": images_of(args.split, args.n_eval), "alpha": get_alpha(model), "seed": state.cfg.seed,
+              "eval_batch_size": batch_size, "device": device_name(state.device), "torch": torch.__version__,
+              "command": state.command}
+    return Report.open(args.report, header, ("model_sha256", "split", "n", "seed", "alpha"), log,
+                       required=args.resume and not state.train, model_file=args.model_file)
+
+
+def execute(args, state):
+    """The run, step by step: train or load, calibrate, set --alpha, evaluate. Returns the exit status."""
+    log = lambda *a, **k: None      # noqa: E731 -- a rank other than 0 says nothing
+    if state.rank == 0:
+        from tqdm import tqdm
+        log = tqdm.write            # lines between the progress bars
+    state.opts = dataclasses.replace(state.opts, log=log)
+    data = functools.lru_cache(maxsize=None)(functools.partial(load_cifar10, resolve_data_dir(args.data_dir)))
+    batch_size = args.eval_batch_size or (GPU_EVAL_BATCH if state.device.type == "cuda" else CPU_BATCH)
+    rows = read_json(args.report)["results"] if args.report and os.path.isfile(args.report) else None
+    if state.device.type == "cpu" and (note := apgd_cost_note(args, state, Report(None, {}, rows))):
+        log(note)
+    model = train_model(args, state, data, log) if state.train else load_model(args.model_file, state.device)
+    if model is None:
+        return 0
+    model.eval().to(memory_format=torch.channels_last)     # faster convolutions on GPUs and CPUs alike
+    if args.calibrate:
+        calibrate_model(model, args, state, data, batch_size, log)
+    if args.alpha is not None:
+        apply_alpha(model, args)
+    return 0 if evaluate_model(model, args, state, data, open_report(args, state, model, log), log) else 1
+
+
+def interrupt_message(args, state):
+    """What an interrupted run kept, and the command that continues it without redoing what is saved."""
+    if args is None or state is None:
+        return "interrupted"
+    checkpoint, progress = args.model_file + ".ckpt", progress_file(args.model_file)
+    if state.stage == "training":
+        return (f"interrupted; training keeps its last finished epoch in {checkpoint}: repeat the command with "
+                f"--resume (or make a model file of it now: python3 bench/rescue.py {checkpoint} OUT.pth)"
+                if os.path.exists(checkpoint) else
+                "interrupted in the first epoch, before any checkpoint: nothing was kept, the same command starts over")
+    rerun = ("the same command" if not state.saved else "the command without --force-train" if
+             state.saved == "trained" else "the command without --force-train or --calibrate")
+    if state.stage == "calibrating" and os.path.exists(progress):
+        return f"interrupted; the calibration keeps what it finished in {progress}: run {rerun} to continue"
+    if state.stage == "evaluating" and args.report:
+        return f"interrupted: the rows finished so far are in {args.report}, marked incomplete; run {rerun} to continue"
+    if state.saved:
+        return f"interrupted; {args.model_file} holds the {state.saved} model: run {rerun} to continue"
+    return "interrupted"
 
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def run(args):
-    rank, world_size, local_rank = distributed_context()
-    device = pick_device(args.device)
-    train_now = args.force_train or not os.path.exists(args.model_file)
-    for message in check_run(args, train_now, world_size):
-        if rank == 0:
-            warn(message)
-    if world_size > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    args.eval_batch_size = args.eval_batch_size or (GPU_EVAL_BATCH if device.type == "cuda" else CPU_BATCH)
-    with contextlib.ExitStack() as locks:
-        if (train_now or args.calibrate) and rank == 0:
-            locks.enter_context(write_lock(args.model_file))
-        if args.report and rank == 0:       # two runs rewriting one report after every batch would mix them
-            locks.enter_context(write_lock(args.report, "--report"))
-        return _run(args, device, train_now, rank, world_size)
-
-
-def _run(args, device, train_now, rank, world_size):
-    data_dir = resolve_data_dir(args.data_dir)
-    log = tqdm.write if rank == 0 else (lambda *a, **k: None)     # tqdm.write: lines between progress bars
-    if device.type == "cpu" and (note := apgd_cost_note(args)):
-        log(note)
-    checkpoint_path = args.model_file + ".ckpt"
-    train_split = (load_cifar10(data_dir, "train") if train_now or (args.calibrate and not args.reuse_statistics)
-                   else None)
-    # the file as it was before this run, kept as <model-file>.prev when the run first replaces it
-    previous = args.model_file if rank == 0 and os.path.isfile(args.model_file) else None
-    if train_now:
-        cfg = train_config(args)
-        if device.type == "cpu" and args.n_train is None and rank == 0:
-            log("note: training on the CPU takes days; use a GPU, or --n-train/--arch for a smoke run")
-        torch.manual_seed(args.seed)        # the initial weights: the same command gives the same model
-        model = build_model(cfg.arch).to(device)
-        model, info = train(model, train_split, load_cifar10(data_dir, "val"), cfg,
-                            device=device, checkpoint_path=checkpoint_path, resume=args.resume, log=log)
-        meta = {"training": info}
-        if world_size > 1:
-            torch.distributed.destroy_process_group()
-            if rank != 0:
-                return 0
-        # saved before calibration and evaluation: an interruption from here on keeps the trained weights
-        previous = keep_previous(previous, log)
-        model.save(args.model_file, meta)
-        args.saved = "trained"
-        if os.path.exists(checkpoint_path):
-            os.unlink(checkpoint_path)      # the model file now holds everything the checkpoint did
-        log(f"saved {args.model_file}")
-    else:
-        model = load_model(args.model_file, device)
-        meta = dict(model.meta)
-    model.eval().to(memory_format=torch.channels_last)     # faster convolutions on GPUs and CPUs alike
-    if args.calibrate:
-        meta["calibration"] = _calibrate_cli(model, args, train_split, data_dir, device, log)
-        previous = keep_previous(previous, log)
-        model.save(args.model_file, meta)
-        args.saved = "calibrated"
-        if os.path.exists(sweep_progress_file(args.model_file)):
-            os.unlink(sweep_progress_file(args.model_file))     # the model file now holds the sweep
-        log(f"saved {args.model_file} (calibrated)")
-    if args.alpha is not None:
-        calibrated = meta.get("calibration", {}).get("sweep")
-        if args.alpha > 0 and not calibrated:
-            raise UserError(f"{args.model_file}: has no MeanSparse statistics; run --calibrate first")
-        largest = max((row["alpha"] for row in calibrated or []), default=0.0)
-        if args.alpha > largest:
-            warn(f"--alpha {args.alpha:g} is above the largest calibrated value ({largest:g}): MeanSparse will "
-                 f"replace most activations by their channel means")
-        set_alpha(model, args.alpha)
-    report = _evaluate_cli(model, args, data_dir, device, log)
-    if train_now or args.calibrate:
-        for part in ("training", "calibration"):
-            if part in meta:
-                report[part] = meta[part]
-        if args.alpha is None:
-            results = {name: {k: v for k, v in row.items() if k != "per_image"}     # the report keeps those
-                       for name, row in report["results"].items()}
-            meta["evaluation"] = {"split": report["split"], "n": report["n"], "alpha": report["alpha"],
-                                  "results": results}
-            model.save(args.model_file, meta)       # record the measured figures with the weights
-    if args.plot:
-        plot_report(report, args.plot, f"{model.arch_name}, alpha {report['alpha']:g}, n={report['n']}")
-        log(f"wrote {args.plot}")
-    if args.report:
-        write_report(report, args)
-        log(f"wrote {args.report}")
-    return 0 if report.get("sanity", {}).get("passed", True) else 1
-
-
-def _calibrate_cli(model, args, train_split, data_dir, device, log):
-    val_set = load_cifar10(data_dir, "val")
-    if args.n_eval:
-        val_set = tuple(t[:args.n_eval] for t in val_set)
-    if args.reuse_statistics:
-        previous = model.meta.get("calibration")
-        if not previous:
-            raise UserError(f"--reuse-statistics: {args.model_file} has no MeanSparse statistics yet; drop the flag")
-        n_train, stats_batches = previous.get("n_train"), None
-        log(f"calibrating MeanSparse: the file's statistics ({n_train} training images), alpha sweep on "
-            f"{len(val_set[1])} validation images")
-    else:
-        stats_set = tuple(t[:args.n_train] for t in train_split) if args.n_train else train_split
-        n_train, stats_batches = len(stats_set[1]), Batches(*stats_set, args.eval_batch_size, device=device)
-        log(f"calibrating MeanSparse: statistics on {n_train} training images, alpha sweep on "
-            f"{len(val_set[1])} validation images")
-    alpha, sweep = calibrate(model, stats_batches, Batches(*val_set, args.eval_batch_size, device=device),
-                             args.alpha_grid, steps=args.steps, eps=args.eps_linf, criterion=args.alpha_criterion,
-                             apgd_iters=args.apgd_iters, seed=args.seed, log=log,
-                             progress_path=sweep_progress_file(args.model_file))
-    return {"alpha": alpha, "criterion": args.alpha_criterion, "steps": args.steps, "eps": args.eps_linf,
-            "apgd_iters": args.apgd_iters if args.alpha_criterion == "adaptive" else None,
-            "n_train": n_train, "n_val": len(val_set[1]), "sweep": sweep}
-
-
-def _evaluate_cli(model, args, data_dir, device, log):
-    """Every attack of --eval, then --sanity and --plot's curves; returns the report. Interrupted, it writes
-    the rows finished so far into --report, marked incomplete, and re-raises. With --resume it takes over
-    the rows of that report (`args.resume_report`, checked by `check_run`) made with the same settings, and
-    continues an interrupted apgd-* or PGD row after its last finished batch."""
-    images, labels = load_cifar10(data_dir, args.split)
-    if args.n_eval:
-        images, labels = images[:args.n_eval], labels[:args.n_eval]
-    batches = Batches(images, labels, args.eval_batch_size, device=device)
-    alpha = get_alpha(model)
-    report = {"model_file": args.model_file, "split": args.split, "n": len(labels), "alpha": alpha,
-              "seed": args.seed, "eval_batch_size": args.eval_batch_size, "device": device_name(device),
-              "torch": torch.__version__, "command": " ".join(["./model.py"] + sys.argv[1:]), "complete": False,
-              "results": {}}
-    previous = args.resume_report
-    if previous:
-        if previous.get("alpha") != alpha:
-            raise UserError(f"--resume: {args.report} was made at alpha {previous.get('alpha')}, this run evaluates "
-                            f"at alpha {alpha:g}; give the same --alpha, or run without --resume")
-        report["resumed"] = previous.get("resumed", []) + [{"command": previous.get("command"),
-                                                            "eval_batch_size": previous.get("eval_batch_size")}]
-    # the report it replaces is kept once, now; from here on the report is rewritten (marked incomplete)
-    # after every row and every batch of an APGD or PGD row, so that even a killed run (kill -9, a lost
-    # machine) keeps them
-    keep_previous(args.report if args.report and os.path.isfile(args.report) else None, log)
-    save = (lambda: write_report(report, args)) if args.report else (lambda: None)
-    name = None
-    try:
-        for name in args.eval:
-            t0, before, done, rest = time.perf_counter(), 0.0, None, batches
-            old, stale = resumable_row(previous, name, args, device.type)
-            if stale:
-                log(f"{name}: {stale}; measuring it again")
-            if old is not None and old.get("complete", True):
-                report["results"][name] = old
-                log(f"{name:14s} {old['accuracy']:6.2f} %  on {old['n']} images  (kept from {args.report})")
-                continue
-            if old is not None:         # an apgd-* or PGD row interrupted between two batches
-                done, before = {"per_image": old["per_image"], **old["progress"]}, old["seconds"]
-                rest = batches.after(old["n_done"])
-                report["results"][name] = old       # until its next batch is done
-                log(f"{name}: continuing after the first {old['n_done']} of {len(labels)} images")
-
-            def keep_batches(progress):
-                n_done = len(progress["per_image"])
-                report["results"][name] = {"complete": False, "n_done": n_done,
-                                           "accuracy_so_far": 100.0 * progress["per_image"].count("1") / n_done,
-                                           "n": len(labels), "seconds": round(before + time.perf_counter() - t0, 2),
-                                           **attack_settings(name, args), "per_image": progress["per_image"],
-                                           "progress": {k: v for k, v in progress.items() if k != "per_image"}}
-                save()
-
-            accuracy, settings = run_attack(model, name, rest, args, device, done=done, on_batch=keep_batches)
-            report["results"][name] = {"accuracy": accuracy, "n": len(labels),
-                                       "seconds": round(before + time.perf_counter() - t0, 2), **settings}
-            save()
-            notes = []
-            if name.startswith("apgd-"):
-                notes.append("worst case")
-            if name.startswith(("aa-", "apgd-")) and alpha > 0:
-                notes.append("under BPDA")
-            log(f"{name:14s} {accuracy:6.2f} %  on {len(labels)} images  "
-                f"{report['results'][name]['seconds']:8.1f} s" + (f" ({', '.join(notes)})" if notes else ""))
-        if "natural" in report["results"]:
-            print(f"Model natural accuracy ({args.split}): {report['results']['natural']['accuracy']:.2f}")
-        if args.sanity:
-            passed, report["sanity"] = sanity_checks(model, batches, args, device, log=log)
-            report["sanity"]["passed"] = passed
-            log(f"sanity: {'PASS' if passed else 'FAIL'}")
-        if args.plot:
-            report["curves"] = robustness_curves(model, batches, args, device)
-    except KeyboardInterrupt:
-        row = report["results"].get(name, {})
-        if row.get("complete") is False:        # an APGD or PGD row stopped part way: its finished batches
-            log(f"\n{name:14s} {row['accuracy_so_far']:6.2f} %  on the first {row['n_done']} of {len(labels)} "
-                f"images (interrupted)")
-        if args.report:
-            save()
-            again = ("continue them with --resume and the evaluation's flags alone (without --force-train or "
-                     "--calibrate)" if args.saved else "repeat the command with --resume to continue")
-            args.interrupt_hint = f": the rows finished so far are in {args.report}, marked incomplete; {again}"
-        raise
-    report["complete"] = True
-    return report
-
-
-def write_report(report, args):
-    """Write --report atomically, with the sha256 of the model file it measured."""
-    report = {**report, "model_sha256": file_sha256(args.model_file)}
-    atomic_write(args.report, lambda f: f.write(json.dumps(report, indent=2).encode()))
-
-
 def main(argv=None):
     signal.signal(signal.SIGTERM, _raise_interrupt)    # SIGTERM stops as cleanly as Ctrl-C
-    args = None
+    args = state = None
     try:
         args = parse_args(argv)
-        return run(args)
+        state = plan(args, argv)
+        with contextlib.ExitStack() as locks:
+            prepare_outputs(args, state, locks)
+            return execute(args, state)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -2402,23 +2398,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        checkpoint = args.model_file + ".ckpt" if args else None
-        hint = (f"; training keeps its last finished epoch in {checkpoint}: repeat the command with --resume "
-                f"(or make a model file of it now: python3 bench/rescue.py {checkpoint} OUT.pth)"
-                if checkpoint and os.path.exists(checkpoint) else "")
-        sweep = sweep_progress_file(args.model_file) if args and args.calibrate else None
-        if args and args.interrupt_hint:    # it names the report and the command that continues it
-            hint = args.interrupt_hint
-        elif not hint and sweep and os.path.exists(sweep):
-            again = (f"run the calibration again without --force-train ({args.model_file} holds the trained model)"
-                     if args.force_train else "run the same command again")
-            hint = f"; the calibration keeps what it finished in {sweep}: {again} to continue"
-        elif not hint and args and args.saved:      # the same command again would redo what is saved
-            then = ("run the calibration again without --force-train" if args.saved == "trained" and args.calibrate
-                    else "evaluate it without --force-train" if args.saved == "trained"
-                    else "evaluate it without --force-train or --calibrate")
-            hint = f"; {args.model_file} holds the {args.saved} model: {then} to continue"
-        print(f"\ninterrupted{hint}", file=sys.stderr)
+        print(f"\n{interrupt_message(args, state)}", file=sys.stderr)
         return 1
 
 

@@ -19,7 +19,7 @@ import json
 import math
 import sys
 
-FLAG = 0.3      # points: a difference worth a sentence in README (issue "Adaptive evaluation")
+FLAG = 0.3      # points: a difference worth a sentence in the results
 
 
 def read(spec):
@@ -34,6 +34,16 @@ def read(spec):
     if row and row not in report["results"]:
         raise SystemExit(f"error: {path} has no row {row!r}; it has {', '.join(report['results'])}")
     return path, report, row
+
+
+def check_row(path, name, row):
+    """A row this script can read: a per-image record of 0s and 1s, or an accuracy over n images."""
+    record = row.get("per_image") if isinstance(row, dict) else None
+    if record is not None and (not isinstance(record, str) or set(record) - {"0", "1"}):
+        raise SystemExit(f"error: {path}: row {name!r} has a per_image that is not a string of 0s and 1s")
+    if record is None and not (isinstance(row, dict) and all(isinstance(row.get(k), (int, float)) for k in (
+            ("accuracy", "n") if "accuracy" in row else ("accuracy_so_far", "n_done")))):
+        raise SystemExit(f"error: {path}: row {name!r} has neither a per-image record nor an accuracy over n images")
 
 
 def outcomes(row, first):
@@ -93,6 +103,8 @@ def main(argv=None):
     print(f"A: {path_a} (alpha {rep_a.get('alpha')}, sha256 {str(rep_a.get('model_sha256'))[:12]})")
     print(f"B: {path_b} (alpha {rep_b.get('alpha')}, sha256 {str(rep_b.get('model_sha256'))[:12]})")
     for ra, rb in pairs:
+        check_row(path_a, ra, rep_a["results"][ra])
+        check_row(path_b, rb, rep_b["results"][rb])
         compare(f"A:{ra} vs B:{rb}", rep_a["results"][ra], rep_b["results"][rb], first)
     return 0
 

@@ -83,7 +83,7 @@ def pgd5(net, x, y, batch, layout):
     correct = 0
     for i in range(0, len(y), batch):
         xb, yb = x[i:i + batch].contiguous(memory_format=layout), y[i:i + batch]
-        x_adv = M.pgd(net, xb, yb, norm="linf", eps=M.EPS_LINF, step_size=M.EPS_LINF / 4, steps=5,
+        x_adv = M.pgd(net, xb, yb, norm="linf", eps=8 / 255, step_size=2 / 255, steps=5,
                       generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             correct += (net(x_adv).argmax(1) == yb).sum().item()
@@ -156,7 +156,8 @@ def main():
         t, correct = best_of(args.repeats, lambda: pgd5(platform, xp, yp, 100, nchw))
         row("Net, mask always", "pgd-5", t, len(yp), f"(accuracy {100 * correct / len(yp):.2f} %)")
     batches = M.Batches(images[:args.n_natural], labels[:args.n_natural], M.CPU_BATCH, device="cpu")
-    t, accuracy = best_of(args.repeats, lambda: M.evaluate(platform, batches, verbose=False))
+    t, accuracy = best_of(args.repeats, lambda: M.accuracy(platform, batches, "natural", M.AttackOptions(),
+                                                           verbose=False))
     row("./model.py", "natural", t, len(y), f"(accuracy {accuracy:.2f} %)")
     if args.report:
         with open(args.report, "w") as f:

@@ -55,7 +55,7 @@ def main():
     print(f"{net.arch_name}, batch {args.batch_size}, {M.device_name(device)}, torch {torch.__version__}")
     rows = []
     recipes = [("clean", dict(attack_steps=0)), ("PGD-5", dict(attack_steps=5)), ("PGD-10", dict(attack_steps=10)),
-               ("TRADES PGD-2 + AWP", dict(attack_steps=2, attack_step_size=M.EPS_LINF, trades=6.0, awp=5e-3))]
+               ("TRADES PGD-2 + AWP", dict(attack_steps=2, attack_step_size=8 / 255, trades=6.0, awp=5e-3))]
     for name, kw in recipes:
         cfg = M.TrainConfig(arch=args.arch, **kw)
         opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
@@ -67,8 +67,8 @@ def main():
                             args.iters, args.warmup, device)
         rows.append((f"train {name} ({'bf16' if device.type == 'cuda' else 'fp32'})", args.batch_size / seconds))
     net.eval()
-    attack = M.make_pgd("linf", M.EPS_LINF, M.EPS_LINF / 4, args.eval_steps, generator=noise)
-    seconds = timed(lambda: attack(net, x, y), args.iters, args.warmup, device)
+    attack = M.PGDAttack(net, M.AttackOptions(steps=args.eval_steps), norm="linf")
+    seconds = timed(lambda: attack.batch(x, y, 0), args.iters, args.warmup, device)
     rows.append((f"eval PGD-{args.eval_steps} (fp32)", args.batch_size / seconds))
     for name, rate in rows:
         print(f"{name:34s} {rate:10,.0f} img/s")

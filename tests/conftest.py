@@ -3,6 +3,7 @@
 Everything here is deterministic (fixed seeds) and cheap: logic tests use WRN-10-1 models and a few
 hundred images; only a few end-to-end tests touch the committed WRN-28-4.
 """
+import fcntl
 import hashlib
 import os
 import subprocess
@@ -31,20 +32,16 @@ def _sha256(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def _resolve_data_dir():
-    """$CIFAR10_DIR as an absolute path (CI gives it relative to the repo root), else <repo>/../shared/cifar10."""
-    value = os.environ.get("CIFAR10_DIR")
-    candidates = []
-    if value:
-        if os.path.isabs(value):
-            candidates.append(Path(value))
-        else:
-            candidates += [REPO / value, Path.cwd() / value]
-    candidates.append(REPO.parent / "shared" / "cifar10")
-    for c in candidates:
-        if (c / "cifar-10-batches-py").is_dir():
-            return c.resolve()
-    raise RuntimeError(f"no cifar-10-batches-py under any of {[str(c) for c in candidates]}; set CIFAR10_DIR")
+def resolve_data_dir():
+    """The data folder the way model.py finds it: $CIFAR10_DIR, else ./data (relative to where pytest runs),
+    the dataset downloaded there with torchvision when it is missing."""
+    folder = Path(M.resolve_data_dir()).resolve()
+    if not (folder / "cifar-10-batches-py").is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / ".download-lock", "w") as lock:     # two pytest workers: one downloads, one waits
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            M.load_cifar10(str(folder), "test")
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +64,7 @@ def committed_model_untouched():
 
 @pytest.fixture(scope="session")
 def data_dir():
-    return _resolve_data_dir()
+    return resolve_data_dir()
 
 
 @pytest.fixture(scope="session")
@@ -91,17 +88,20 @@ def train_set(data_dir):
 @pytest.fixture(scope="session")
 def tiny_trained_state(train_set, val_set, tmp_path_factory):
     """State dict of a WRN-10-1 trained naturally (no attack) for 8 epochs on 1,024 training images:
-    about 30 % accuracy, far above chance, with no robustness at all."""
-    torch.manual_seed(0)
-    net = M.WideResNet(10, 1)
-    images, labels = train_set
-    val_images, val_labels = val_set
-    cfg = M.TrainConfig(arch="10-1", epochs=8, batch_size=128, lr=0.1, warmup_epochs=1, attack_steps=0,
-                        n_train=1024, val_every=100, seed=0)
-    ckpt = tmp_path_factory.mktemp("tiny") / "tiny.ckpt"
-    net, _ = M.train(net, (images, labels), (val_images[:64], val_labels[:64]), cfg, device="cpu",
-                     checkpoint_path=str(ckpt), log=lambda *a, **k: None)
-    return {k: v.clone() for k, v in net.state_dict().items()}
+    about 30 % accuracy, far above chance, with no robustness at all. Trained once for all pytest workers:
+    the first one writes it into their shared temporary folder, the others read it."""
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if "PYTEST_XDIST_WORKER" in os.environ else shared     # this session's workers' folder
+    with open(shared / "tiny.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared / "tiny_state.pt").exists():
+            torch.manual_seed(0)
+            cfg = M.TrainConfig(arch="10-1", epochs=8, batch_size=128, lr=0.1, warmup_epochs=1, attack_steps=0,
+                                n_train=1024, val_every=100, seed=0)
+            net, _ = M.train(M.WideResNet(10, 1), train_set, tuple(t[:64] for t in val_set), cfg, device="cpu",
+                             checkpoint_path=str(shared / "tiny.ckpt"), log=lambda *a, **k: None)
+            torch.save(net.state_dict(), shared / "tiny_state.pt")
+    return torch.load(shared / "tiny_state.pt", weights_only=True)
 
 
 @pytest.fixture

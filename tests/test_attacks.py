@@ -1,4 +1,5 @@
-"""Attacks: pgd (both norms), projection, restarts, side effects, strength, BPDA, make_pgd/evaluate."""
+"""Attacks: pgd (both norms), projection, restarts, side effects, strength, BPDA, the rows of ATTACKS
+(PGD, the adaptive evaluation, AutoAttack), measure and the norm table."""
 import math
 import sys
 
@@ -76,13 +77,13 @@ def test_l2_projection_matches_the_closed_form():
     norms = delta.flatten(1).norm(dim=1)
     assert (norms < eps).any() and (norms > eps).any()
     expected = delta * torch.clamp(eps / norms, max=1.0).view(-1, 1, 1, 1)
-    got = M._project(delta, "l2", eps)
+    got = M.NORMS["l2"].project(delta, eps)
     assert torch.allclose(got, expected, rtol=1e-6, atol=1e-7)
     inside = norms < eps
     assert torch.equal(got[inside], delta[inside])                    # inside the ball: untouched
     assert torch.allclose(got[~inside].flatten(1).norm(dim=1), torch.full(((~inside).sum(),), eps), atol=1e-6)
     # L-inf projection is the clamp
-    assert torch.equal(M._project(delta, "linf", 0.3), delta.clamp(-0.3, 0.3))
+    assert torch.equal(M.NORMS["linf"].project(delta, 0.3), delta.clamp(-0.3, 0.3))
 
 
 def test_eps_zero_returns_the_input():
@@ -246,7 +247,7 @@ def test_committed_model_is_robust_but_not_invulnerable(committed_model_file, va
     y = val_set[1][:24]
     nat, _ = _accuracy_and_loss(net, x, y)
     big = 32 / 255
-    adv = M.make_pgd("linf", big, big / 3, 3, generator=_gen(0), use_bpda=True)(net, x, y)
+    adv = M.pgd(net, x, y, norm="linf", eps=big, step_size=big / 3, steps=3, generator=_gen(0))
     adv_acc, _ = _accuracy_and_loss(net, adv, y)
     assert nat >= 70.0
     assert adv_acc <= nat - 40.0                                        # a large eps must break it
@@ -276,43 +277,78 @@ def test_bpda_gives_a_gradient_where_the_plain_one_is_zero():
     x = x.detach()
     plain = M.pgd(model, x, y, norm="linf", eps=0.1, step_size=0.05, steps=3, random_start=False)
     assert torch.equal(plain, x)                                # nothing to follow
-    through = M.make_pgd("linf", 0.1, 0.05, 3, use_bpda=True)(model, x, y)
+    with M.bpda(model):
+        through = M.pgd(model, x, y, norm="linf", eps=0.1, step_size=0.05, steps=3, random_start=False)
     assert float((through - x).abs().max()) == pytest.approx(0.1, abs=1e-6)
     assert model[0].mode == "mask"
 
 
 # ----------------------------------------------------------------------------------------------------
-# make_pgd / evaluate
+# The rows of ATTACKS and measure
 # ----------------------------------------------------------------------------------------------------
-def test_make_pgd_crafts_at_another_alpha_and_restores_it(wrn):
+def test_a_transfer_row_crafts_at_alpha_zero_under_no_bpda_and_restores_the_model(wrn, val_set):
     M.set_alpha(wrn, 0.3)
     seen = []
     h = wrn.sparse.register_forward_pre_hook(lambda m, i: seen.append((float(m.alpha), m.mode)))
-    x, y = _inputs(4, (3, 32, 32))
-    M.make_pgd("linf", EPS_LINF, EPS_LINF / 4, 2, generator=_gen(0), use_bpda=True, craft_alpha=0.0)(wrn, x, y)
+    batches = M.Batches(val_set[0][:4], val_set[1][:4], 4, device="cpu")
+    row = M.measure(M.ATTACKS["transfer-linf"](wrn, M.AttackOptions(steps=2)), batches, desc="t", verbose=False)
     h.remove()
-    assert seen == [(0.0, "bpda")] * 2
+    assert seen[:2] == [(0.0, "mask")] * 2 and seen[-1] == (pytest.approx(0.3), "mask")   # crafted, then judged
+    assert row["crafted_at_alpha"] == 0.0 and row["bpda"] is False and row["steps"] == 2
     assert M.get_alpha(wrn) == 0.3 and wrn.sparse.mode == "mask"
+    with_bpda = M.ATTACKS["bpda-l2"](wrn, M.AttackOptions(steps=1))
+    seen.clear()
+    h = wrn.sparse.register_forward_pre_hook(lambda m, i: seen.append(m.mode))
+    with_bpda.batch(*next(iter(batches)), 0)
+    h.remove()
+    assert seen == ["bpda", "mask"] and with_bpda.settings["step_size"] == 0.125
 
 
-def test_evaluate_counts_correct_predictions():
+def test_measure_counts_correct_predictions_and_records_them_per_image():
     model = ScriptedModel([torch.eye(10)[[1, 2, 3]], torch.eye(10)[[4, 5]]])
-    batches = [(torch.zeros(3, 1), torch.tensor([1, 0, 3])), (torch.zeros(2, 1), torch.tensor([4, 5]))]
-    assert M.evaluate(model, batches, verbose=False) == pytest.approx(80.0)
-    calls = []
-
-    def attack(m, x, y):
-        calls.append(len(y))
-        return x
-
+    batches = M.Batches(torch.zeros(5, 3, 32, 32, dtype=torch.uint8), torch.tensor([1, 0, 3, 4, 5]), 3, device="cpu")
+    row = M.measure(M.Attack(model, M.AttackOptions()), batches, desc="natural", verbose=False)
+    assert row["accuracy"] == pytest.approx(80.0) and row["per_image"] == "10111" and row["n"] == 5
+    assert set(row) == {"accuracy", "n", "seconds", "per_image"}
+    saved = []
     model = ScriptedModel([torch.eye(10)[[1, 2, 3]], torch.eye(10)[[4, 5]]])
-    assert M.evaluate(model, batches, attack, verbose=False) == pytest.approx(80.0)
-    assert calls == [3, 2]
-    assert M.evaluate(model, [], verbose=False) == 0.0
-    model = ScriptedModel([torch.eye(10)[[1, 2, 3]], torch.eye(10)[[4, 5]]])
-    correct = M.correct_per_image(model, batches, verbose=False)
-    assert correct.tolist() == [True, False, True, True, True]
-    assert M.per_image_string(correct) == "10111" and M.percent(correct) == 80.0
+    M.measure(M.Attack(model, M.AttackOptions()), batches, desc="natural", save=saved.append, verbose=False)
+    assert [r["per_image"] for r in saved] == ["10111"] * 2 and saved[-1]["n_done"] == 5   # the same row, updated
+    # continued after its first batch: only the second is measured, and the result is the same
+    model = ScriptedModel([torch.eye(10)[[4, 5]]])
+    done = {"complete": False, "n": 5, "n_done": 3, "per_image": "101", "counts": {}, "seconds": 1.0, "device": "cpu"}
+    again = M.measure(M.Attack(model, M.AttackOptions()), batches, desc="natural", done=done, verbose=False)
+    assert again["per_image"] == "10111" and again["accuracy"] == pytest.approx(80.0) and again["seconds"] >= 1.0
+    assert len(model.inputs) == 1 and done["per_image"] == "101"        # the row given is not changed
+
+
+def test_a_pgd_row_seeds_each_batch_by_its_first_image(wrn, val_set, monkeypatch):
+    starts = []
+    real = M.pgd
+    monkeypatch.setattr(M, "pgd", lambda *a, generator=None, **k: starts.append(generator.initial_seed())
+                        or real(*a, generator=generator, **k))
+    batches = M.Batches(val_set[0][:10], val_set[1][:10], 4, device="cpu")
+    attack = M.ATTACKS["pgd-linf"](wrn, M.AttackOptions(steps=1, seed=3))
+    whole = M.measure(attack, batches, desc="pgd", verbose=False)
+    assert starts == [3 * 1_000_003 + i for i in (0, 4, 8)]
+    starts.clear()
+    rest = M.measure(attack, batches.after(4), desc="pgd", verbose=False)
+    assert starts == [3 * 1_000_003 + i for i in (4, 8)] and rest["per_image"] == whole["per_image"][4:]
+
+
+def test_a_norm_added_to_the_table_and_its_rows_to_the_registry_works_everywhere(wrn, val_set, monkeypatch):
+    """Adding a norm touches NORMS and ATTACKS only: PGD, the rows, their flags and defaults follow."""
+    toy = M.dataclasses.replace(M.NORMS["l2"], eps=0.25, autoattack="L1", cpu_seconds=12.0)
+    monkeypatch.setitem(M.NORMS, "toy", toy)
+    monkeypatch.setitem(M.ATTACKS, "pgd-toy", M.functools.partial(M.PGDAttack, norm="toy"))
+    monkeypatch.setitem(M.ATTACKS, "apgd-toy", M.functools.partial(M.AdaptiveAttack, norm="toy"))
+    args = M.parse_args(["--eval", "natural,pgd-toy", "--eps-toy", "0.2", "--step-toy", "0.1"])
+    opts = M.plan(args, []).opts
+    assert opts.eps["toy"] == 0.2 and opts.step["toy"] == 0.1 and M.AttackOptions().eps["toy"] == 0.25
+    batches = M.Batches(val_set[0][:6], val_set[1][:6], 6, device="cpu")
+    row = M.measure(M.ATTACKS["pgd-toy"](wrn, opts), batches, desc="toy", verbose=False)
+    assert row["norm"] == "toy" and row["eps"] == 0.2 and row["step_size"] == 0.1 and len(row["per_image"]) == 6
+    assert M.ATTACKS["apgd-toy"](None, opts).cpu_seconds() == 12.0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -322,31 +358,28 @@ def test_autoattack_runs_under_bpda_and_is_at_least_as_strong_as_pgd(tiny_traine
     net = tiny_trained
     M.collect_statistics(net, M.Batches(train_set[0][:256], train_set[1][:256], 128, device="cpu"))
     M.set_alpha(net, 0.2)
-    images, labels = val_set[0][:24], val_set[1][:24]
-    batches = M.Batches(images, labels, 24, device="cpu")
-    eps = 1 / 255                   # small enough that PGD leaves this non-robust model some accuracy
-    modes = []
+    batches = M.Batches(val_set[0][:8], val_set[1][:8], 8, device="cpu")     # Square's queries cost the most
+    eps = 2 / 255       # PGD leaves this non-robust model some accuracy, AutoAttack none: Square has nothing to do
+    modes, shown = [], []
     hook = M.meansparse_modules(net)[0].register_forward_pre_hook(lambda m, i: modes.append(m.mode))
-    shown = []
-    accuracy, details = M.autoattack_accuracy(net, images, labels, norm="linf", eps=eps, batch_size=24, seed=0,
-                                              device="cpu", log=shown.append)
+    opts = M.AttackOptions(log=shown.append).at("linf", eps)
+    row = M.measure(M.ATTACKS["aa-linf"](net, opts), batches, desc="aa", verbose=False)
     hook.remove()
     # every forward pass of AutoAttack (its checks included) under BPDA, then the model's own on its images
     first_own = modes.index("mask")
     assert set(modes[:first_own]) == {"bpda"} and set(modes[first_own:]) == {"mask"}
     assert all(m.mode == "mask" for m in M.meansparse_modules(net))   # and restored afterwards
-    natural = M.evaluate(net, batches, verbose=False)
-    pgd = M.evaluate(net, batches, M.make_pgd("linf", eps, eps / 4, 20, generator=_gen(0), use_bpda=True),
-                     verbose=False)
-    print(f"natural {natural:.2f}  BPDA PGD-20 {pgd:.2f}  AutoAttack {accuracy:.2f}")
+    natural = M.accuracy(net, batches, "natural", opts, verbose=False)
+    pgd = M.accuracy(net, batches, "bpda-linf", opts, verbose=False)
+    print(f"natural {natural:.2f}  BPDA PGD-20 {pgd:.2f}  AutoAttack {row['accuracy']:.2f}")
     assert pgd > 0                                  # else the comparison below says nothing
-    assert accuracy <= pgd + 100 / 24               # within one image of PGD, or stronger
-    assert len(details["per_image"]) == 24 and accuracy == 100.0 * details["per_image"].count("1") / 24
-    assert accuracy < natural
+    assert row["accuracy"] <= pgd + 100 / 8         # within one image of PGD, or stronger
+    assert len(row["per_image"]) == 8 and row["accuracy"] == 100.0 * row["per_image"].count("1") / 8
+    assert row["accuracy"] < natural and row["version"] == "standard" and row["bpda"] is True
     # its progress lines were shown as they came and are kept for the report
-    assert details["pyautoattack"] and details["log"] and shown == [f"  autoattack: {s}" for s in details["log"]]
-    assert any(s.startswith("robust accuracy after APGD-CE") for s in details["log"])
-    assert f"robust accuracy: {accuracy:.2f}%" in details["log"][-1]     # AutoAttack's figure is ours
+    assert row["pyautoattack"] and row["log"] and shown == [f"  autoattack: {s}" for s in row["log"]]
+    assert any(s.startswith("robust accuracy after APGD-CE") for s in row["log"])
+    assert f"robust accuracy: {row['accuracy']:.2f}%" in row["log"][-1]     # AutoAttack's figure is ours
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -381,22 +414,32 @@ def test_apgd_worst_case_counts_an_image_broken_by_any_one_component(monkeypatch
         return out
 
     monkeypatch.setattr(M, "apgd", fake_apgd)
-    batches = [(x[:6], y[:6]), (x[6:], y[6:])]
-    robust, stats = M.apgd_robust(FlagModel(), batches, M.ADAPTIVE, norm="linf", eps=0.1, iters=1, seed=0,
-                                  verbose=False)
-    assert robust.tolist() == [i not in (0, 1, 2, 4, 5) for i in range(n)]
+    outcomes, counts = [], {}
+    for xb, yb in ((x[:6], y[:6]), (x[6:], y[6:])):
+        robust, batch_counts = M.apgd_batch(FlagModel(), xb, yb, M.ADAPTIVE, norm="linf", eps=0.1, iters=1, seed=0)
+        outcomes.append(robust)
+        M.add_counts(counts, batch_counts)
+    assert torch.cat(outcomes).tolist() == [i not in (0, 1, 2, 4, 5) for i in range(n)]
+    stats = M.AdaptiveAttack(None, M.AttackOptions(), norm="linf").details(counts, n)
     assert stats["clean"] == 90.0
-    assert stats["apgd-ce"]["accuracy"] == 80.0 and stats["apgd-ce"]["broke"] == 1
-    assert stats["apgd-ce-transfer"]["accuracy"] == 80.0 and stats["apgd-ce-transfer"]["broke"] == 1
+    c = stats["components"]
+    assert c["apgd-ce"]["accuracy"] == 80.0 and c["apgd-ce"]["broke"] == 1
+    assert c["apgd-ce-transfer"]["accuracy"] == 80.0 and c["apgd-ce-transfer"]["broke"] == 1
     # the targeted attack (nine runs in one) only sees the images both APGD-CE runs left correct
     assert sorted(calls[("targeted", None)]) == [2, 3, 5, 6, 7, 8, 9]
-    assert stats["apgd-t"] == {"accuracy": None, "attacked": 7, "broke": 2, "seconds": stats["apgd-t"]["seconds"]}
+    assert c["apgd-t"] == {"accuracy": None, "attacked": 7, "broke": 2, "seconds": c["apgd-t"]["seconds"]}
     assert sorted(calls[("ce", None)]) == list(range(n)) and sorted(calls[("ce", 0.0)]) == list(range(n))
 
 
-def test_adaptive_components_leave_out_the_transfer_attack_at_alpha_zero():
-    assert M.adaptive_components(0.0) == ("apgd-ce", "apgd-t")
-    assert M.adaptive_components(0.35) == ("apgd-ce", "apgd-ce-transfer", "apgd-t")
+def test_the_adaptive_row_leaves_out_the_transfer_attack_at_alpha_zero(wrn, monkeypatch):
+    seen = []
+    monkeypatch.setattr(M, "apgd_batch", lambda model, x, y, components, **kw: seen.append(components) or (y, {}))
+    attack = M.ATTACKS["apgd-l2"](wrn, M.AttackOptions())
+    attack.batch(torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long), 0)
+    M.set_alpha(wrn, 0.35)
+    attack.batch(torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long), 0)
+    assert seen == [("apgd-ce", "apgd-t"), ("apgd-ce", "apgd-ce-transfer", "apgd-t")]
+    assert attack.settings == {"norm": "l2", "eps": 0.5, "iters": 100, "restarts": 1, "bpda": True}
 
 
 def test_apgd_crafts_under_bpda_at_the_transfer_alpha_and_restores_everything(tiny_trained, train_set, val_set):
@@ -422,23 +465,20 @@ def test_apgd_on_the_committed_model_is_at_least_as_strong_as_bpda_pgd(committed
     PGD-20 or stronger."""
     net = M.Net().load_for_testing(str(committed_model_file.parent.parent))
     batches = M.Batches(val_set[0][:8], val_set[1][:8], 8, device="cpu")
-    robust, stats = M.apgd_robust(net, batches, M.adaptive_components(M.get_alpha(net)), norm="linf",
-                                  eps=EPS_LINF, iters=5, seed=0, verbose=False)
-    apgd = 100.0 * robust.float().mean().item()
-    pgd = M.evaluate(net, batches, M.make_pgd("linf", EPS_LINF, EPS_LINF / 4, 20, generator=_gen(0), use_bpda=True),
-                     verbose=False)
-    print(f"clean {stats['clean']:.1f}  BPDA PGD-20 {pgd:.1f}  APGD worst case {apgd:.1f}")
-    assert apgd <= pgd + 100 / 8
-    uncascaded = [n for n in M.adaptive_components(M.get_alpha(net)) if n not in M.CASCADED]
-    assert apgd <= min(stats[name]["accuracy"] for name in uncascaded)     # APGD-T attacks only the survivors
-    assert stats["clean"] >= 50
+    opts = M.AttackOptions(apgd_iters=5)
+    row = M.measure(M.ATTACKS["apgd-linf"](net, opts), batches, desc="apgd", verbose=False)
+    pgd = M.accuracy(net, batches, "bpda-linf", opts, verbose=False)
+    print(f"clean {row['clean']:.1f}  BPDA PGD-20 {pgd:.1f}  APGD worst case {row['accuracy']:.1f}")
+    assert row["accuracy"] <= pgd + 100 / 8
+    assert row["accuracy"] <= row["components"]["apgd-ce"]["accuracy"]     # APGD-T attacks only the survivors
+    assert row["clean"] >= 50
 
 
 def test_autoattack_without_the_package_is_a_user_error(monkeypatch, wrn):
     monkeypatch.setitem(sys.modules, "pyautoattack", None)             # makes `import pyautoattack` fail
     x, y = _inputs(2, (3, 32, 32))
-    with pytest.raises(M.UserError, match="pip install pyautoattack"):
-        M.autoattack_accuracy(wrn, (x * 255).to(torch.uint8), y, norm="linf", eps=EPS_LINF, batch_size=2,
-                              seed=0, device="cpu")
+    for name in ("aa-linf", "apgd-l2"):
+        with pytest.raises(M.UserError, match="pip install pyautoattack"):
+            M.ATTACKS[name](wrn, M.AttackOptions())
     with pytest.raises(M.UserError, match="pip install pyautoattack"):
         M.apgd(wrn, x, y, loss="ce", norm="linf", eps=EPS_LINF, iters=2, seed=0)

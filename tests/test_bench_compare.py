@@ -58,6 +58,14 @@ def test_a_report_without_per_image_records_is_compared_unpaired(compare, tmp_pa
     (lambda t: (_report(t / "a.json", {"x": _row("1")}), _report(t / "b.json", {"y": _row("1")})),
      "no row in common"),
     (lambda t: (str(t / "missing.json"), _report(t / "b.json", {"y": _row("1")})), "cannot read a report"),
+    (lambda t: (_report(t / "a.json", {"x": {**_row("10"), "per_image": [True, False]}}),
+                _report(t / "b.json", {"x": _row("10")})), "row 'x' has a per_image that is not a string of 0s and 1s"),
+    (lambda t: (_report(t / "a.json", {"x": {**_row("10"), "per_image": "1x"}}),
+                _report(t / "b.json", {"x": _row("10")})), "not a string of 0s and 1s"),
+    (lambda t: (_report(t / "a.json", {"x": {"n": 10}}), _report(t / "b.json", {"x": _row("10")})),
+     "has neither a per-image record nor an accuracy"),
+    (lambda t: (_report(t / "a.json", {"x": "46.0"}), _report(t / "b.json", {"x": _row("10")})),
+     "has neither a per-image record nor an accuracy"),
 ])
 def test_bad_input_is_one_line_and_exit_2(compare, tmp_path, setup, message):
     status, out, err = compare(*setup(tmp_path))

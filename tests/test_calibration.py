@@ -107,6 +107,10 @@ def test_paired_gain_is_the_mean_and_standard_error_of_the_per_image_difference(
     assert M.paired_gain(base, base) == (0.0, 0.0)
 
 
+def _opts(**kw):
+    return M.AttackOptions(steps=1, apgd_iters=2, **kw).at("linf", 2 / 255)
+
+
 @pytest.mark.parametrize("criterion", ["bpda", "adaptive"])
 def test_calibrate_returns_a_grid_alpha_and_sets_it(tiny_trained, train_set, val_set, criterion):
     net = tiny_trained
@@ -114,8 +118,7 @@ def test_calibrate_returns_a_grid_alpha_and_sets_it(tiny_trained, train_set, val
     val = M.Batches(val_set[0][:32], val_set[1][:32], 32, device="cpu")
     lines = []
     alphas = [0.0, 0.1, 0.5]
-    alpha, sweep = M.calibrate(net, stats, val, alphas, steps=1, criterion=criterion, apgd_iters=2,
-                               eps=2 / 255, log=lines.append)
+    alpha, sweep = M.calibrate(net, stats, val, alphas, _opts(), criterion=criterion, log=lines.append)
     assert alpha in alphas
     assert [row["alpha"] for row in sweep] == alphas
     keys = {"alpha", "clean", "plain", "bpda"} | ({"adaptive", "gain", "gain_se"} if criterion == "adaptive" else set())
@@ -138,7 +141,7 @@ def test_calibrate_returns_a_grid_alpha_and_sets_it(tiny_trained, train_set, val
         assert sweep[1]["gain"] == pytest.approx(sweep[1]["adaptive"] - sweep[0]["adaptive"])
     # the clean accuracy of alpha 0 is the model's plain accuracy
     with M.alpha_set_to(net, 0.0):
-        assert sweep[0]["clean"] == M.evaluate(net, val, verbose=False)
+        assert sweep[0]["clean"] == M.accuracy(net, val, "natural", _opts(), verbose=False)
 
 
 @pytest.mark.parametrize("robust_by_alpha, expected", [
@@ -149,53 +152,22 @@ def test_calibrate_returns_a_grid_alpha_and_sets_it(tiny_trained, train_set, val
 ])
 def test_calibrate_chooses_by_the_paired_adaptive_gain(tiny_trained, train_set, val_set, monkeypatch,
                                                        robust_by_alpha, expected):
-    def fake_apgd_robust(model, batches, components, **kw):
-        robust = torch.zeros(64, dtype=torch.bool)
+    def fake_apgd_batch(model, x, y, components, **kw):
+        robust = torch.zeros(len(y), dtype=torch.bool)
         robust[sorted(robust_by_alpha[M.get_alpha(model)])] = True
         return robust, {}
 
-    monkeypatch.setattr(M, "apgd_robust", fake_apgd_robust)
-    monkeypatch.setattr(M, "evaluate", lambda *a, **k: 50.0)       # equal clean accuracy at every alpha
+    monkeypatch.setattr(M, "apgd_batch", fake_apgd_batch)
+    monkeypatch.setattr(M.Attack, "batch", lambda self, x, y, start: (torch.ones(len(y), dtype=torch.bool), {}))
     stats = M.Batches(train_set[0][:64], train_set[1][:64], 64, device="cpu")
     val = M.Batches(val_set[0][:64], val_set[1][:64], 64, device="cpu")
     lines = []
-    alpha, sweep = M.calibrate(tiny_trained, stats, val, [0.1], steps=1, log=lines.append)
+    alpha, sweep = M.calibrate(tiny_trained, stats, val, [0.1], _opts(), log=lines.append)
+    assert [row["clean"] for row in sweep] == [100.0, 100.0]             # equal clean accuracy at both alphas
     assert alpha == expected and M.get_alpha(tiny_trained) == expected
     assert sweep[1]["gain"] == pytest.approx(100 * (len(robust_by_alpha[0.1]) - 20) / 64)
     if expected == 0.0:
         assert "MeanSparse did not help this model" in lines[-1]
-
-
-def test_calibrate_takes_over_the_alphas_an_interrupted_call_finished(tiny_trained, train_set, val_set, tmp_path,
-                                                                      monkeypatch):
-    stats = M.Batches(train_set[0][:128], train_set[1][:128], 64, device="cpu")
-    val = M.Batches(val_set[0][:32], val_set[1][:32], 32, device="cpu")
-    settings = dict(steps=1, criterion="adaptive", apgd_iters=2, eps=2 / 255, log=lambda line: None)
-    expected = M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1, 0.5], **settings)
-    progress, real, attacked = tmp_path / "sweep.json", M.apgd_robust, []
-
-    def counting(model, batches, components, **kw):
-        attacked.append(M.get_alpha(model))
-        if attacked == [0.0, 0.1] and stop:
-            raise KeyboardInterrupt
-        return real(model, batches, components, **kw)
-
-    monkeypatch.setattr(M, "apgd_robust", counting)
-    stop = True
-    with pytest.raises(KeyboardInterrupt):
-        M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1, 0.5], progress_path=str(progress), **settings)
-    stop, attacked[:] = False, []
-    again = M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1, 0.5], progress_path=str(progress), **settings)
-    assert attacked == [0.1, 0.5] and again == expected         # alpha 0 taken over, the gains as before
-    # other settings: nothing is taken over, and the other calibration's progress is kept as .prev
-    attacked[:], lines, first = [], [], progress.read_bytes()
-    M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1], progress_path=str(progress),
-                **{**settings, "apgd_iters": 3, "log": lines.append})
-    assert attacked == [0.0, 0.1]
-    assert (tmp_path / "sweep.json.prev").read_bytes() == first
-    assert lines[0] == (f"note: {progress} is of another calibration (apgd_iters 2 there, 3 here): starting afresh; "
-                        f"it may hold hours of APGD, so it is kept as {progress}.prev (to continue it instead, rename "
-                        f"it back and repeat its settings)")
 
 
 class Killed(BaseException):
@@ -203,18 +175,54 @@ class Killed(BaseException):
 
 
 def _two_batch_sweep(model, train_set, val_set):
-    """(statistics batches, validation batches of two APGD batches per alpha, settings, the uninterrupted
+    """(statistics batches, validation batches of two APGD batches per alpha, the uninterrupted
     calibration's result over alphas 0 and 0.1): what the interrupted calibrations below must reproduce."""
     stats = M.Batches(train_set[0][:128], train_set[1][:128], 64, device="cpu")
     val = M.Batches(val_set[0][:32], val_set[1][:32], 16, device="cpu")
-    settings = dict(steps=1, criterion="adaptive", apgd_iters=2, eps=2 / 255)
-    expected = M.calibrate(copy.deepcopy(model), stats, val, [0.1], log=lambda line: None, **settings)
-    return stats, val, settings, expected
+    return stats, val, M.calibrate(copy.deepcopy(model), stats, val, [0.1], _opts(), log=lambda line: None)
+
+
+def test_calibrate_takes_over_what_an_interrupted_call_finished(tiny_trained, train_set, val_set, tmp_path,
+                                                               monkeypatch):
+    stats, val, expected = _two_batch_sweep(tiny_trained, train_set, val_set)
+    progress, real, attacked = tmp_path / "sweep.json", M.apgd_batch, []
+
+    def counting(model, x, y, components, **kw):
+        attacked.append(M.get_alpha(model))
+        if attacked == [0.0, 0.0, 0.1] and stop:
+            raise KeyboardInterrupt
+        return real(model, x, y, components, **kw)
+
+    monkeypatch.setattr(M, "apgd_batch", counting)
+    stop = True
+    with pytest.raises(KeyboardInterrupt):
+        M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1], _opts(), progress_path=str(progress),
+                    log=lambda line: None)
+    stop, attacked[:], lines = False, [], []
+    again = M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1], _opts(), progress_path=str(progress),
+                        log=lines.append)
+    assert attacked == [0.1, 0.1] and again == expected          # alpha 0 taken over, the gains as before
+    assert f"alpha 0 apgd-linf: kept from {progress}" in lines and f"alpha 0.1 natural: kept from {progress}" in lines
+    # a calibration of other weights, images or seed takes nothing over, and keeps the other one as .prev
+    attacked[:], lines, first = [], [], progress.read_bytes()
+    M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1], _opts(seed=1), progress_path=str(progress),
+                log=lines.append)
+    assert attacked == [0.0, 0.0, 0.1, 0.1]
+    assert (tmp_path / "sweep.json.prev").read_bytes() == first
+    assert lines[0] == (f"note: {progress} was made with other settings (seed 0 there): starting afresh; it may "
+                        f"hold hours of work, so it is kept as {progress}.prev (to continue it instead, rename it "
+                        f"back and repeat its settings)")
+    # other settings of one row (APGD iterations) measure that row again, and keep the others
+    lines = []
+    M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1], M.AttackOptions(steps=1, apgd_iters=3, seed=1).at(
+        "linf", 2 / 255), progress_path=str(progress), log=lines.append)
+    assert "alpha 0 apgd-linf: the report's row was made with other settings; measuring it again" in lines
+    assert f"alpha 0 bpda-linf: kept from {progress}" in lines
 
 
 def test_calibrate_continues_an_alpha_whose_apgd_was_interrupted(tiny_trained, train_set, val_set, tmp_path,
                                                                  monkeypatch):
-    stats, val, settings, expected = _two_batch_sweep(tiny_trained, train_set, val_set)
+    stats, val, expected = _two_batch_sweep(tiny_trained, train_set, val_set)
     progress, real, batches_seen = tmp_path / "sweep.json", M.apgd, []
 
     def stop_in_second_batch_of_alpha_01(model, x, y, **kw):
@@ -226,50 +234,24 @@ def test_calibrate_continues_an_alpha_whose_apgd_was_interrupted(tiny_trained, t
 
     monkeypatch.setattr(M, "apgd", stop_in_second_batch_of_alpha_01)
     with pytest.raises(Killed):
-        M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1], progress_path=str(progress),
-                    log=lambda line: None, **settings)
-    saved = json.loads(progress.read_text())["alphas"]
-    assert "robust" in saved["0"] and len(saved["0.1"]["apgd"]["per_image"]) == 16
-    monkeypatch.setattr(M, "evaluate", lambda *a, **k: pytest.fail("the kept PGD row was measured again"))
+        M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1], _opts(), progress_path=str(progress),
+                    log=lambda line: None)
+    saved = json.loads(progress.read_text())["results"]
+    assert "complete" not in saved["alpha 0 apgd-linf"] and len(saved["alpha 0.1 apgd-linf"]["per_image"]) == 16
+    assert saved["alpha 0.1 apgd-linf"]["complete"] is False
+    monkeypatch.setattr(M, "pgd", lambda *a, **k: pytest.fail("a kept PGD row was measured again"))
     lines = []
-    again = M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1], progress_path=str(progress),
-                        log=lines.append, **settings)
+    again = M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1], _opts(), progress_path=str(progress),
+                        log=lines.append)
     assert batches_seen == [0.0, 0.0, 0.1, 0.1, 0.1]         # only the second batch of alpha 0.1 again
     assert again == expected
-    assert any("part way: 0.1 (APGD after 16 images)" in line for line in lines), lines
-
-
-def test_calibrate_keeps_an_alphas_pgd_row_killed_before_its_first_apgd_batch(tiny_trained, train_set, val_set,
-                                                                              tmp_path, monkeypatch):
-    stats, val, settings, expected = _two_batch_sweep(tiny_trained, train_set, val_set)
-    progress, real = tmp_path / "sweep.json", M.apgd
-
-    def killed_in_alpha_01(model, x, y, **kw):
-        if M.get_alpha(model) == 0.1:
-            raise Killed
-        return real(model, x, y, **kw)
-
-    monkeypatch.setattr(M, "apgd", killed_in_alpha_01)
-    with pytest.raises(Killed):
-        M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1], progress_path=str(progress),
-                    log=lambda line: None, **settings)
-    saved = json.loads(progress.read_text())["alphas"]["0.1"]
-    assert list(saved) == ["row"]
-    assert saved["row"] == {k: expected[1][1][k] for k in ("alpha", "clean", "plain", "bpda")}
-    monkeypatch.setattr(M, "apgd", real)
-    monkeypatch.setattr(M, "evaluate", lambda *a, **k: pytest.fail("the kept PGD row was measured again"))
-    lines = []
-    again = M.calibrate(copy.deepcopy(tiny_trained), stats, val, [0.1], progress_path=str(progress),
-                        log=lines.append, **settings)
-    assert again == expected
-    assert any("part way: 0.1 (PGD row)" in line for line in lines), lines
+    assert "alpha 0.1 apgd-linf: continuing after the first 16 of 32 images" in lines, lines
 
 
 def test_calibrate_on_a_one_value_grid_says_that_nothing_was_chosen(tiny_trained, train_set, val_set):
     stats = M.Batches(train_set[0][:64], train_set[1][:64], 64, device="cpu")
     val = M.Batches(val_set[0][:16], val_set[1][:16], 16, device="cpu")
     lines = []
-    alpha, sweep = M.calibrate(tiny_trained, stats, val, [0.0], steps=1, criterion="bpda", eps=2 / 255,
-                               log=lines.append)
+    alpha, sweep = M.calibrate(tiny_trained, stats, val, [0.0], _opts(), criterion="bpda", log=lines.append)
     assert alpha == 0.0 and len(sweep) == 1
     assert lines[-1] == "alpha 0: the only value of the grid"

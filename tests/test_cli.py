@@ -1,5 +1,4 @@
 """CLI: argument checks (in process, cheap) and a few end-to-end `python model.py ...` runs (subprocess)."""
-import argparse
 import hashlib
 import importlib.util
 import json
@@ -45,8 +44,11 @@ def _stderr_lines(result):
     (["--steps", "-1"], "--steps: must be >= 0"),
     (["-e", "3", "--time-budget", "5"], "not both"),
     (["--time-budget", "0"], "--time-budget: must be > 0"),
-    (["--ema", "1.5"], "--ema must be between 0 and 1"),
-    (["--label-smoothing", "1"], "--label-smoothing must be < 1"),
+    (["--ema", "1.5"], "--ema: must be between 0 and 1, got 1.5"),
+    (["--label-smoothing", "1"], "--label-smoothing: must be < 1, got 1"),
+    (["--plot", "curves.gif"], "--plot curves.gif: give a file name ending in .png, .pdf, .svg, .jpg, .jpeg"),
+    (["--arch", "preact"], "--arch: expected a WideResNet DEPTH-WIDTH such as 28-4, or preact18"),
+    (["--arch", "12-1"], "--arch: no CIFAR-10 WideResNet: depth must be 6n+4"),
     (["--calibrate", "--alpha", "0.1"], "drop --alpha"),
     (["--alpha-grid", "0.1,-0.2"], "--alpha-grid: must be >= 0"),
     (["--device", "tpu"], "invalid choice"),
@@ -97,10 +99,10 @@ def test_help_shows_every_default_once_and_eps_as_a_fraction(capsys):
 def test_parse_args_defaults_and_conversions():
     args = M.parse_args([])
     assert args.model_file == "models/default_model.pth" and not args.model_file_given
-    assert args.arch == "28-4" and not args.arch_given and args.alpha_criterion == "adaptive"
+    assert args.arch is None and M.train_config(args).arch == "28-4" and args.alpha_criterion == "adaptive"
     assert args.eval_batch_size is None and args.apgd_iters == 100
     assert args.eval == ["natural"] and args.split == "test" and args.steps == M.EVAL_STEPS
-    assert args.eps_linf == M.EPS_LINF and args.eps_l2 == M.EPS_L2
+    assert args.eps_linf == M.NORMS["linf"].eps and args.eps_l2 == M.NORMS["l2"].eps
     assert args.alpha_grid == [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4]
     args = M.parse_args(["--eps-linf", "4/255", "--eval", " natural , bpda-l2", "--alpha-grid", "0.3,0.1,0.1"])
     assert args.eps_linf == pytest.approx(4 / 255)
@@ -135,17 +137,31 @@ def test_train_config_from_args():
     assert M.train_config(M.parse_args(["-e", "4"])).epochs == 4
 
 
+def test_train_config_and_flags_share_one_default_per_field(capsys):
+    """Every TrainConfig field with a help text is a flag whose help shows the field's default; a flag not
+    given leaves the field's default."""
+    cfg, args = M.TrainConfig(), M.parse_args([])
+    assert M.dataclasses.asdict(M.train_config(args)) == M.dataclasses.asdict(cfg)
+    with pytest.raises(SystemExit):
+        M.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in (("--lr", "0.2"), ("--batch-size", "512"), ("--warmup-epochs", "2"), ("--train-steps", "5"),
+                          ("--val-every", "5"), ("--select-n", "512"), ("--seed", "0")):
+        assert f"(default {default})" in text[text.rindex(flag + " "):][:300], flag
+
+
 def test_attack_settings_follow_the_arguments():
     args = M.parse_args(["--steps", "7", "--restarts", "2", "--eps-l2", "0.25", "--step-linf", "1/255"])
-    s = M.attack_settings("bpda-linf", args)
-    assert s == {"norm": "linf", "eps": M.EPS_LINF, "step_size": pytest.approx(1 / 255), "steps": 7,
-                 "restarts": 2, "bpda": True, "crafted_at_alpha": None}
-    assert M.attack_settings("apgd-linf", args) == {"norm": "linf", "eps": M.EPS_LINF, "iters": 100, "restarts": 1,
-                                                  "bpda": True}
-    s = M.attack_settings("pgd-l2", args)
-    assert s["eps"] == 0.25 and s["step_size"] == 0.0625 and s["bpda"] is False
-    assert M.attack_settings("transfer-linf", args)["crafted_at_alpha"] == 0.0
-    assert M.attack_settings("natural", args) == {}
+    opts = M.plan(args, []).opts
+    settings = {name: M.ATTACKS[name](None, opts).settings for name in M.ATTACKS}
+    assert settings["bpda-linf"] == {"norm": "linf", "eps": M.NORMS["linf"].eps, "step_size": pytest.approx(1 / 255),
+                                     "steps": 7, "restarts": 2, "bpda": True, "crafted_at_alpha": None}
+    assert settings["apgd-linf"] == {"norm": "linf", "eps": M.NORMS["linf"].eps, "iters": 100, "restarts": 1,
+                                     "bpda": True}
+    assert settings["pgd-l2"]["eps"] == 0.25 and settings["pgd-l2"]["step_size"] == 0.0625
+    assert settings["pgd-l2"]["bpda"] is False and settings["transfer-linf"]["crafted_at_alpha"] == 0.0
+    assert settings["aa-l2"] == {"norm": "l2", "eps": 0.25, "version": "standard", "bpda": True}
+    assert settings["natural"] == {}
 
 
 def test_sanity_checks_fail_when_the_attack_cannot_move_the_model(tiny_trained, val_set):
@@ -154,9 +170,8 @@ def test_sanity_checks_fail_when_the_attack_cannot_move_the_model(tiny_trained, 
     M.set_alpha(tiny_trained, 1e6)
     batches = M.Batches(val_set[0][:32], val_set[1][:32], 32, device="cpu")
     lines = []
-    ok, details = M.sanity_checks(tiny_trained, batches, argparse.Namespace(seed=0, steps=1), "cpu",
-                                  log=lines.append)
-    assert ok is False
+    details = M.sanity_checks(tiny_trained, batches, M.AttackOptions(steps=1), log=lines.append)
+    assert details["passed"] is False
     assert details["checks"]["about 0 at eps 64/255"] is False
     assert len(set(details["accuracy"])) == 1                        # flat: the attack does nothing
     assert "  FAIL  about 0 at eps 64/255" in lines
@@ -207,8 +222,7 @@ def test_resume_without_checkpoint_exits_2(run_cli, tmp_path, tiny_model_file):
     # without --force-train, --resume continues an evaluation, which needs the report it continues
     result = run_cli("--resume", "--model-file", tiny_model_file)
     assert result.returncode == 2
-    assert "error: --resume without --force-train continues an interrupted evaluation: give its --report" \
-        in result.stderr
+    assert "error: --resume continues training (with --force-train) or the evaluation in --report" in result.stderr
 
 
 def test_alpha_without_calibration_exits_2(run_cli, tiny_model_file):
@@ -434,7 +448,7 @@ def test_reuse_statistics_chooses_alpha_again_without_training_data(run_cli, tmp
                      "--alpha-grid", "0,0.35", "--alpha-criterion", "bpda", "--split", "val", "--data-dir", data_dir,
                      threads=2)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "the file's statistics (48976 training images)" in result.stdout
+    assert "the file statistics on 48976 training images" in result.stdout
     payload = torch.load(copy, weights_only=True)
     for name, value in original["state_dict"].items():
         if not name.endswith("alpha"):

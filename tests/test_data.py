@@ -126,6 +126,18 @@ def test_truncated_batch_file_is_a_user_error(tmp_path, data_dir):
     assert str(folder / "data_batch_1") in str(info.value)
 
 
+def test_the_tests_find_the_data_in_dot_data_without_an_environment_variable(repo_root, data_dir, tmp_path,
+                                                                              run_python):
+    """A newcomer who ran ./model.py (which downloads into ./data) runs the test command with no variable set."""
+    (tmp_path / "data").symlink_to(data_dir)
+    code = (f"import sys; sys.path[:0] = [{str(repo_root / 'tests')!r}, {str(repo_root)!r}]\n"
+            "import os; os.environ.pop('CIFAR10_DIR', None)\n"
+            "import conftest; print(conftest.resolve_data_dir())\n")
+    result = run_python(["-c", code], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == str((tmp_path / "data").resolve())
+
+
 def test_resolve_data_dir_precedence(monkeypatch):
     monkeypatch.setenv("CIFAR10_DIR", "/from/env")
     assert M.resolve_data_dir("/explicit") == "/explicit"

@@ -26,7 +26,10 @@ def cli(committed_model_file, data_dir, monkeypatch, capsys):
     """cli(*argv) -> (exit status, stdout, stderr lines without progress bars); checks after each call that
     the committed model is byte-identical."""
     monkeypatch.setenv("CIFAR10_DIR", str(data_dir))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(sys, "argv", ["model.py"])
+    monkeypatch.setattr(M, "VAL_PGD_STEPS", 1)     # these runs are about files and messages: a cheap validation
     handler = signal.getsignal(signal.SIGTERM)
     before = _sha256(committed_model_file)
 
@@ -48,11 +51,27 @@ def tiny_copy(tiny_model_file, tmp_path):
     return path
 
 
+@pytest.fixture
+def no_work(monkeypatch):
+    """Loading data stops the run with an error of its own: a check that should have come first did not."""
+    def stop(*a):
+        raise M.UserError("work started before the check")
+    monkeypatch.setattr(M, "load_cifar10", stop)
+
+
 def _one_error(status, err, fragment, code=2):
     assert status == code, err
     errors = [line for line in err if line.startswith("error: ")]
     assert len(errors) == 1 and fragment in errors[0], err
     assert all(line.startswith(("error: ", "warning: ")) for line in err), err      # no traceback
+
+
+def _rows(path):
+    return json.loads(path.read_text())["results"]
+
+
+def _without_seconds(row):
+    return {k: _without_seconds(v) if isinstance(v, dict) else v for k, v in row.items() if k != "seconds"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -66,7 +85,7 @@ def test_report_onto_the_model_file_is_refused(cli, tiny_copy):
 
 
 def test_outputs_that_are_the_same_file_are_refused(cli, tiny_copy, tmp_path):
-    status, _, err = cli("--model-file", tiny_copy, "--report", tmp_path / "r.json", "--plot", tmp_path / "r.json")
+    status, _, err = cli("--model-file", tiny_copy, "--report", tmp_path / "r.png", "--plot", tmp_path / "r.png")
     _one_error(status, err, "--plot")
     status, _, err = cli(*TINY_TRAIN, "--model-file", tmp_path / "new.pth", "--report", tmp_path / "new.pth.ckpt")
     _one_error(status, err, "is the same file as checkpoint")
@@ -74,28 +93,43 @@ def test_outputs_that_are_the_same_file_are_refused(cli, tiny_copy, tmp_path):
 
 
 @pytest.mark.parametrize("flag", ["--model-file", "--report", "--plot"])
-def test_unwritable_or_directory_targets_are_refused_before_any_work(cli, tmp_path, flag, monkeypatch):
-    monkeypatch.setattr(M, "load_cifar10", lambda *a: pytest.fail("work started before the check"))
-    folder = tmp_path / "a-folder"
+def test_unwritable_or_directory_targets_are_refused_before_any_work(cli, tmp_path, flag, no_work):
+    folder = tmp_path / "a-folder.png"
     folder.mkdir()
     args = TINY_TRAIN + ["--model-file", tmp_path / "new.pth"] if flag == "--model-file" else ["--n-eval", "8"]
-    for target, fragment in ((folder, "is a directory"), ("/proc/m.out", "cannot write in /proc")):
+    for target, fragment in ((folder, "is a directory"), ("/proc/m.png", "cannot write in /proc")):
         status, _, err = cli(*args, flag, target)
         _one_error(status, err, f"{flag} {target}: {fragment}")
 
 
-def test_a_smoke_run_cannot_replace_the_committed_model(cli, monkeypatch):
-    monkeypatch.setattr(M, "load_cifar10", lambda *a: pytest.fail("work started before the check"))
+def test_a_file_of_another_kind_is_never_overwritten_by_a_report_or_a_plot(cli, tiny_copy, tmp_path, repo_root,
+                                                                          no_work):
+    checkpoint = tmp_path / "x.pth.ckpt"
+    checkpoint.write_bytes(b"an unfinished run")
+    for target in (repo_root / "models" / "default_model.pth", repo_root / "model.py", checkpoint):
+        before = target.read_bytes()
+        status, _, err = cli("--model-file", tiny_copy, "--report", target)
+        _one_error(status, err, f"--report {target}: exists and is not a report of model.py; give another name")
+        assert target.read_bytes() == before
+    (tmp_path / "notes.png").write_text("my notes")
+    status, _, err = cli("--model-file", tiny_copy, "--plot", tmp_path / "notes.png")
+    _one_error(status, err, "exists and is not such an image")
+    assert (tmp_path / "notes.png").read_text() == "my notes"
+
+
+def test_a_smoke_run_cannot_replace_the_committed_model(cli, no_work):
     status, _, err = cli(*TINY_TRAIN)
     _one_error(status, err, "--n-train makes a smoke run: name its output with --model-file")
     status, _, err = cli(*TINY_TRAIN[:-4], "--model-file", M.Net.model_file)      # --arch 10-1, explicit file
     _one_error(status, err, "--arch 10-1: models/default_model.pth is the file Net() loads")
-    status, _, err = cli("--calibrate", "--n-train", "256")
-    _one_error(status, err, "--n-train makes a smoke run")
+    for argv, flag in ((["--calibrate", "--n-train", "256"], "--n-train"),
+                       (["--calibrate", "--reuse-statistics", "--n-eval", "4", "--steps", "1"], "--n-eval"),
+                       (["--calibrate", "--reuse-statistics", "--steps", "1"], "--steps"),
+                       (["--calibrate", "--reuse-statistics", "--apgd-iters", "5"], "--apgd-iters")):
+        _one_error(*cli(*argv)[::2], f"{flag} makes a smoke run: name its output with --model-file")
 
 
-def test_a_second_run_writing_the_same_model_file_stops_at_once(cli, tmp_path, monkeypatch):
-    monkeypatch.setattr(M, "load_cifar10", lambda *a: pytest.fail("work started before the check"))
+def test_a_second_run_writing_the_same_model_file_stops_at_once(cli, tmp_path, no_work):
     target = tmp_path / "x.pth"
     with M.write_lock(str(target)):
         holder = (tmp_path / "x.pth.lock").read_text()
@@ -107,7 +141,7 @@ def test_a_second_run_writing_the_same_model_file_stops_at_once(cli, tmp_path, m
         pass
 
 
-def test_a_second_run_writing_the_same_report_stops_at_once(cli, tiny_copy, tmp_path, monkeypatch):
+def test_a_second_run_writing_the_same_report_stops_at_once(cli, tiny_copy, tmp_path):
     # two evaluations rewriting one report after every batch would leave a mix of both
     report = tmp_path / "r.json"
     with M.write_lock(str(report), "--report"):
@@ -120,7 +154,7 @@ def test_a_second_run_writing_the_same_report_stops_at_once(cli, tiny_copy, tmp_
 
 
 # ----------------------------------------------------------------------------------------------------
-# Numbers and odd settings
+# Numbers, odd settings, the environment
 # ----------------------------------------------------------------------------------------------------
 def test_odd_but_valid_settings_warn_and_run(cli, tiny_copy):
     status, out, err = cli("--model-file", tiny_copy, "--split", "val", "--n-eval", "5000", "--steps", "0",
@@ -132,11 +166,34 @@ def test_odd_but_valid_settings_warn_and_run(cli, tiny_copy):
     assert "pgd-linf" in out and "on 1024 images" in out
 
 
+def test_settings_that_do_nothing_warn(cli, tmp_path, no_work):
+    def warnings(*argv):
+        return [line for line in cli(*argv)[2] if line.startswith("warning: ")]
+
+    train = [*TINY_TRAIN, "--model-file", tmp_path / "x.pth"]
+    assert "warning: --awp-warmup does nothing without --awp" in warnings(*train, "--awp-warmup", "2")
+    assert any("--ema-start 1: the EMA starts at the end" in w for w in warnings(*train, "--ema", "0.9",
+                                                                                  "--ema-start", "1"))
+    assert any("--train-steps 0 with --trades" in w for w in warnings(*train[:-4], "--train-steps", "0",
+                                                                       "--trades", "6"))
+    assert any(w.startswith("warning: --eps-l2 0: the l2 rows perturb nothing") for w in warnings(
+        "--model-file", tmp_path / "x.pth", "--eval", "pgd-l2", "--eps-l2", "0"))
+    assert warnings("--model-file", M.Net.model_file, "--eval", "pgd-linf", "--eps-l2", "0") == []
+
+
+@pytest.mark.parametrize("env, fragment", [({"WORLD_SIZE": "abc"}, "WORLD_SIZE=abc: not integers"),
+                                           ({"WORLD_SIZE": "2", "RANK": "1"}, "without torchrun's other settings")])
+def test_a_torchrun_environment_without_torchrun_is_one_line(cli, tiny_copy, monkeypatch, env, fragment, no_work):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    _one_error(*cli("--model-file", tiny_copy)[::2], fragment)
+
+
 def test_alpha_above_the_calibrated_range_warns(cli, tmp_path, tiny_model_file, train_set, val_set):
     calibrated = M.load_model(str(tiny_model_file))
     M.calibrate(calibrated, M.Batches(*[t[:64] for t in train_set], 64, device="cpu"),
-                M.Batches(*[t[:8] for t in val_set], 8, device="cpu"), [0.1, 0.2], steps=1, criterion="bpda",
-                log=lambda *a: None)
+                M.Batches(*[t[:8] for t in val_set], 8, device="cpu"), [0.1, 0.2], M.AttackOptions(steps=1),
+                criterion="bpda", log=lambda *a: None)
     path = tmp_path / "calibrated.pth"
     calibrated.save(str(path), {"calibration": {"alpha": 0.2, "sweep": [{"alpha": 0.0}, {"alpha": 0.2}]}})
     status, _, err = cli("--model-file", path, "--alpha", "5", "--n-eval", "8")
@@ -194,6 +251,11 @@ def test_a_new_model_file_leaves_no_prev(cli, tmp_path):
     assert "kept the file" not in out and sorted(p.name for p in tmp_path.iterdir()) == ["new.pth"]
 
 
+def _note(*argv, rows=None):
+    args = M.parse_args([str(a) for a in argv])
+    return M.apgd_cost_note(args, M.plan(args, []), M.Report(None, {}, rows))
+
+
 def test_apgd_work_that_would_take_a_cpu_hours_says_so_first(cli, tiny_copy, monkeypatch):
     def stop(*a):
         raise M.UserError("stopped by the test")
@@ -204,42 +266,32 @@ def test_apgd_work_that_would_take_a_cpu_hours_says_so_first(cli, tiny_copy, mon
     assert out.startswith("note: this run attacks 10,000 images with APGD (each alpha of the adaptive calibration, "
                           "each apgd-*/aa-* row): about 23.6 h on a 2-core CPU, a GPU job; --n-eval"), out
     # the adaptive calibration: each alpha on the validation split; smaller runs go without a note
-    assert "attacks 3,072 images" in M.apgd_cost_note(M.parse_args(["--calibrate", "--alpha-grid", "0.1,0.2"]))
-    assert M.apgd_cost_note(M.parse_args(["--calibrate", "--alpha-criterion", "bpda"])) is None
-    assert M.apgd_cost_note(M.parse_args(["--eval", "aa-linf", "--n-eval", "64"])) is None
-    assert M.apgd_cost_note(M.parse_args(["--eval", "apgd-l2", "--n-eval", "1000", "--apgd-iters", "5"])) is None
+    assert "attacks 3,072 images" in _note("--calibrate", "--alpha-grid", "0.1,0.2")
+    assert _note("--calibrate", "--alpha-criterion", "bpda") is None
+    assert _note("--eval", "aa-linf", "--n-eval", "64") is None
+    assert _note("--eval", "apgd-l2", "--n-eval", "1000", "--apgd-iters", "5") is None
     # each row at its norm's measured cost: L2 about 10 s per image, L-inf 8.5
-    assert "about 2.8 h on a 2-core CPU" in M.apgd_cost_note(M.parse_args(["--eval", "apgd-l2", "--n-eval", "1000"]))
-    assert "about 5.1 h on a 2-core CPU" in M.apgd_cost_note(M.parse_args(["--eval", "aa-linf,aa-l2",
-                                                                            "--n-eval", "1000"]))
+    assert "about 2.8 h on a 2-core CPU" in _note("--eval", "apgd-l2", "--n-eval", "1000")
+    assert "about 5.1 h on a 2-core CPU" in _note("--eval", "aa-linf,aa-l2", "--n-eval", "1000")
 
 
-def test_the_cost_note_leaves_out_the_alphas_an_interrupted_calibration_finished(tmp_path):
+def test_the_cost_note_leaves_out_what_is_finished(tmp_path):
     model_file = tmp_path / "m.pth"
-    args = M.parse_args(["--calibrate", "--alpha-grid", "0.2,0.35", "--model-file", str(model_file)])
-    assert "attacks 3,072 images" in M.apgd_cost_note(args) and "not counted" not in M.apgd_cost_note(args)
-    progress = {"key": {}, "alphas": {"0": {"row": {}, "robust": "01"}, "0.2": {"row": {}, "apgd": {}},
-                                      "0.5": {"row": {}, "robust": "1"}}}    # 0.2 part way, 0.5 not in the grid
-    (tmp_path / "m.pth.calibration.json").write_text(json.dumps(progress))
-    note = M.apgd_cost_note(args)
-    assert "attacks 2,048 images" in note
-    assert note.endswith(f"; not counted: alpha 0, finished in {model_file}.calibration.json (taken over if made "
-                         "with the same weights and settings)"), note
-    (tmp_path / "m.pth.calibration.json").write_text("{not json")
-    assert "attacks 3,072 images" in M.apgd_cost_note(args)
-
-
-def test_the_cost_note_counts_only_what_a_resumed_report_has_left():
-    args = M.parse_args(["--eval", "natural,apgd-linf,apgd-l2", "--n-eval", "1000", "--split", "test"])
-    settings = {name: M.attack_settings(name, args) for name in ("apgd-linf", "apgd-l2")}
-    args.resume_report = {"results": {      # L-inf finished, L2 stopped after 512 of 1,000
-        "apgd-linf": {"accuracy": 46.1, "n": 1000, **settings["apgd-linf"]},
-        "apgd-l2": {"complete": False, "n_done": 512, "n": 1000, **settings["apgd-l2"], "progress": {"device": "cpu"}}}}
-    assert "attacks 488 images" in M.apgd_cost_note(args)
-    # a row made with other settings, or stopped on another device, is measured again: it counts whole
-    args.resume_report["results"]["apgd-linf"]["iters"] = 50
-    args.resume_report["results"]["apgd-l2"]["progress"]["device"] = "cuda"
-    assert "attacks 2,000 images" in M.apgd_cost_note(args)
+    argv = ["--calibrate", "--alpha-grid", "0.2,0.35", "--model-file", model_file]
+    assert "attacks 3,072 images" in _note(*argv)
+    progress = {"alpha 0 apgd-linf": {"per_image": "01"}, "alpha 0.2 apgd-linf": {"complete": False},
+                "alpha 0.5 apgd-linf": {"per_image": "1"}}      # 0.2 part way, 0.5 not in the grid
+    (tmp_path / "m.pth.calibration.json").write_text(json.dumps({"results": progress}))
+    assert "attacks 2,048 images" in _note(*argv)
+    # a report being continued: L-inf finished, L2 stopped after 512 of 1,000
+    argv = ["--eval", "natural,apgd-linf,apgd-l2", "--n-eval", "1000"]
+    settings = {name: M.ATTACKS[name](None, M.AttackOptions()).settings for name in ("apgd-linf", "apgd-l2")}
+    rows = {"apgd-linf": {"n": 1000, "per_image": "1" * 1000, **settings["apgd-linf"]},
+            "apgd-l2": {"complete": False, "n": 1000, "per_image": "1" * 512, "counts": {}, "device": "cpu",
+                        **settings["apgd-l2"]}}
+    assert "attacks 488 images" in _note(*argv, rows=rows)
+    rows["apgd-linf"]["iters"] = 50         # made with other settings: measured again, it counts whole
+    assert "attacks 1,488 images" in _note(*argv, rows=rows)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -247,7 +299,7 @@ def test_the_cost_note_counts_only_what_a_resumed_report_has_left():
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("content, fragment", [
     ("text", "not written by torch.save"),
-    ({"state_dict": {"a": 1}}, "state_dict entry 'a' is of type int"),
+    ({"state_dict": {"a": 1}}, "it has no state_dict of named tensors"),
     ({"arch": {"depth": 28}, "state_dict": {"w": torch.zeros(1)}}, "its arch"),
     ("directory", "is a directory, not a model file"),
 ])
@@ -271,60 +323,50 @@ def test_a_corrupt_checkpoint_with_resume_is_one_line(cli, tmp_path):
     _one_error(status, err, f"{model_file}.ckpt: not a readable checkpoint: a damaged or truncated")
     torch.save({"epoch": 1}, tmp_path / "m.pth.ckpt")
     status, _, err = cli(*TINY_TRAIN, "--model-file", model_file, "--resume")
-    _one_error(status, err, "not a training checkpoint of this version")
+    _one_error(status, err, "not a training checkpoint of this tool")
     assert "weights_only" not in " ".join(err)
 
 
-def test_missing_pyautoattack_is_one_line_before_any_work(cli, tiny_copy, monkeypatch):
+def test_missing_pyautoattack_is_one_line_before_any_work(cli, tiny_copy, monkeypatch, no_work):
     monkeypatch.setitem(sys.modules, "pyautoattack", None)
-    monkeypatch.setattr(M, "load_cifar10", lambda *a: pytest.fail("work started before the check"))
     for argv in (["--eval", "apgd-linf"], ["--eval", "aa-l2"], ["--calibrate"]):
         status, _, err = cli("--model-file", tiny_copy, *argv)
         _one_error(status, err, "APGD and AutoAttack need the official code: pip install pyautoattack")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Interrupted evaluation
+# Interrupted evaluation: the report keeps every finished row and batch, and the same command continues
 # ----------------------------------------------------------------------------------------------------
-def test_ctrl_c_during_evaluation_keeps_the_finished_rows(cli, tiny_copy, tmp_path, monkeypatch):
-    real = M.run_attack
+def _interrupt_row(monkeypatch, row_name, exception=KeyboardInterrupt):
+    real = M.Report.row
 
-    def interrupt_second(model, name, batches, args, device, **kw):
-        if name == "pgd-linf":
-            raise KeyboardInterrupt
-        return real(model, name, batches, args, device, **kw)
+    def interrupting(self, name, *a, **k):
+        if name == row_name:
+            raise exception
+        return real(self, name, *a, **k)
 
-    monkeypatch.setattr(M, "run_attack", interrupt_second)
+    monkeypatch.setattr(M.Report, "row", interrupting)
+    return real
+
+
+def test_ctrl_c_during_evaluation_keeps_the_finished_rows_and_the_command_continues(cli, tiny_copy, tmp_path,
+                                                                                  monkeypatch):
+    real = _interrupt_row(monkeypatch, "pgd-linf")
     report = tmp_path / "r.json"
-    status, out, err = cli("--model-file", tiny_copy, "--eval", "natural,pgd-linf,pgd-l2", "--n-eval", "8",
-                           "--report", report)
+    argv = ["--model-file", tiny_copy, "--eval", "natural,pgd-linf,pgd-l2", "--n-eval", "8", "--report", report]
+    status, out, err = cli(*argv)
     assert status == 1
-    assert (f"interrupted: the rows finished so far are in {report}, marked incomplete; repeat the command with "
-            f"--resume to continue") in err
+    assert (f"interrupted: the rows finished so far are in {report}, marked incomplete; run the same command to "
+            f"continue") in err
     saved = json.loads(report.read_text())
     assert saved["complete"] is False and list(saved["results"]) == ["natural"]
     assert saved["model_sha256"] == _sha256(tiny_copy)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth", "r.json"]
-
-
-def test_a_replaced_report_is_kept_as_prev(cli, tiny_copy, tmp_path, monkeypatch):
-    # an eval run repeated with the same --report, and interrupted at that, must not cost the complete one
-    report = tmp_path / "r.json"
-    assert cli("--model-file", tiny_copy, "--eval", "natural", "--n-eval", "8", "--report", report)[0] == 0
-    complete = report.read_bytes()
-    monkeypatch.setattr(M, "run_attack", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    status, out, err = cli("--model-file", tiny_copy, "--eval", "natural", "--n-eval", "8", "--report", report)
-    assert status == 1 and f"kept the file this run replaces as {report}.prev" in out, out
-    assert (tmp_path / "r.json.prev").read_bytes() == complete
-    assert json.loads(report.read_text())["complete"] is False
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth", "r.json", "r.json.prev"]
-    # the same command once more, without --resume, would push the complete one out of .prev and start the
-    # unfinished one over: refused, both files as they were
-    partial = report.read_bytes()
-    status, out, err = cli("--model-file", tiny_copy, "--eval", "natural", "--n-eval", "8", "--report", report)
-    _one_error(status, err, f"--report {report} holds an unfinished evaluation (finished: nothing yet): continue "
-                            f"it with --resume")
-    assert report.read_bytes() == partial and (tmp_path / "r.json.prev").read_bytes() == complete
+    monkeypatch.setattr(M.Report, "row", real)
+    status, out, err = cli(*argv)
+    assert status == 0 and f"continuing {report}: natural" in out and f"natural: kept from {report}" in out
+    assert json.loads(report.read_text())["complete"] is True and list(_rows(report)) == ["natural", "pgd-linf",
+                                                                                          "pgd-l2"]
 
 
 def _no_attack_then_raise_in_batch_2(monkeypatch, exception):
@@ -351,18 +393,14 @@ def test_an_interrupted_apgd_row_keeps_its_finished_batches(cli, tiny_copy, tmp_
     status, out, err = cli("--model-file", tiny_copy, "--eval", "apgd-linf", "--n-eval", "8",
                            "--eval-batch-size", "4", "--report", report)
     assert status == 1 and calls == [4, 4]
-    row = json.loads(report.read_text())["results"]["apgd-linf"]
+    row = _rows(report)["apgd-linf"]
     assert row["complete"] is False and row["n_done"] == 4 and row["n"] == 8
-    assert row["accuracy_so_far"] == json.loads(first.read_text())["results"]["natural"]["accuracy"]
-    assert row["per_image"] == json.loads(first.read_text())["results"]["natural"]["per_image"]
+    assert row["accuracy_so_far"] == _rows(first)["natural"]["accuracy"]
+    assert row["per_image"] == _rows(first)["natural"]["per_image"]
     assert "on the first 4 of 8 images (interrupted)" in out, out
 
 
-def _without_seconds(row):
-    return {k: _without_seconds(v) if isinstance(v, dict) else v for k, v in row.items() if k != "seconds"}
-
-
-def test_resume_continues_an_interrupted_apgd_row_as_if_never_stopped(cli, tiny_copy, tmp_path, monkeypatch):
+def test_an_interrupted_apgd_row_continues_as_if_never_stopped(cli, tiny_copy, tmp_path, monkeypatch):
     # hours of CPU APGD, or a GPU run cut at its deadline, continue from the last finished batch
     argv = ["--model-file", tiny_copy, "--eval", "natural,apgd-linf", "--n-eval", "8", "--apgd-iters", "3"]
     full, report = tmp_path / "full.json", tmp_path / "r.json"
@@ -378,75 +416,51 @@ def test_resume_continues_an_interrupted_apgd_row_as_if_never_stopped(cli, tiny_
 
     monkeypatch.setattr(M, "apgd", stop_in_second_batch)
     status, out, err = cli(*argv, "--eval-batch-size", "4", "--report", report)
-    assert status == 1 and "repeat the command with --resume to continue" in err[-1], err
+    assert status == 1 and "run the same command to continue" in err[-1], err
     partial = report.read_text()
     assert json.loads(partial)["results"]["apgd-linf"]["n_done"] == 4
     monkeypatch.setattr(M, "apgd", real)
-    # without --resume (a training run too) it would start over: refused, naming what it holds
-    for extra in ([], ["--force-train", "--n-train", "64", "-e", "1", "--batch-size", "32"]):
-        status, out, err = cli(*argv, "--report", report, *extra)
-        _one_error(status, err, "finished: natural, apgd-linf (4 of 8 images)")
-        assert report.read_text() == partial
     status, out, err = cli(*argv, "--report", report, "--resume")     # the report's batches of 4, not 64
     assert status == 0, err
-    assert f"(kept from {report})" in out and "continuing after the first 4 of 8" in out
+    assert f"natural: kept from {report}" in out and "apgd-linf: continuing after the first 4 of 8" in out
     resumed, uninterrupted = json.loads(report.read_text()), json.loads(full.read_text())
-    assert resumed["complete"] is True and (tmp_path / "r.json.prev").read_text() == partial
-    assert resumed["eval_batch_size"] == 4
+    assert resumed["complete"] is True and resumed["eval_batch_size"] == 4
     for row in ("natural", "apgd-linf"):
         assert _without_seconds(resumed["results"][row]) == _without_seconds(uninterrupted["results"][row])
-    assert [r["command"] for r in resumed["resumed"]] == [json.loads(partial)["command"]]
+    assert resumed["resumed"] == [json.loads(partial)["command"]]
 
 
-def test_resume_continues_an_interrupted_pgd_row_with_its_random_starts(cli, tiny_copy, tmp_path, monkeypatch):
-    # a PGD row over 10,000 images is most of an hour on a CPU: it continues batch by batch too, its random
-    # generator restored from the report, so that the random starts are those of an uninterrupted run
+def test_an_interrupted_pgd_row_continues_with_the_random_starts_of_an_uninterrupted_one(cli, tiny_copy,
+                                                                                         tmp_path, monkeypatch):
     argv = ["--model-file", tiny_copy, "--eval", "natural,pgd-linf,bpda-l2", "--n-eval", "12", "--steps", "2",
             "--eval-batch-size", "4"]
-    real, states, stop = M.pgd, [], [False]
-
-    def recording(model, x, y, *, generator=None, **kw):
-        states.append(generator.get_state().clone())
-        if stop[0] and len(states) == 2:
-            raise KeyboardInterrupt
-        return real(model, x, y, generator=generator, **kw)
-
-    monkeypatch.setattr(M, "pgd", recording)
     full, report = tmp_path / "full.json", tmp_path / "r.json"
     assert cli(*argv, "--report", full)[0] == 0
-    uninterrupted, states[:] = list(states), []
-    stop[0] = True
+    real, calls = M.pgd, []
+
+    def stop_in_second_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(M, "pgd", stop_in_second_batch)
     status, out, err = cli(*argv, "--report", report)
-    assert status == 1 and "pgd-linf" in out and "on the first 4 of 12 images (interrupted)" in out, out
-    partial = json.loads(report.read_text())
-    cut = partial["results"]["pgd-linf"]
-    assert cut["n_done"] == 4 and cut["progress"]["device"] == "cpu" and "generator" in cut["progress"]
-    stop[0], states[:] = False, []
-    status, out, err = cli(*argv, "--report", report, "--resume")
+    assert status == 1 and "on the first 4 of 12 images (interrupted)" in out, out
+    cut = _rows(report)["pgd-linf"]
+    assert cut["n_done"] == 4 and cut["device"] == "cpu"
+    monkeypatch.setattr(M, "pgd", real)
+    status, out, err = cli(*argv, "--report", report)
     assert status == 0 and "pgd-linf: continuing after the first 4 of 12 images" in out, err
-    # batch 2 of pgd-linf started from the generator state an uninterrupted run had there, and so did the rest
-    assert len(states) == len(uninterrupted) - 1
-    assert all(torch.equal(a, b) for a, b in zip(states, uninterrupted[1:]))
-    resumed, expected = json.loads(report.read_text()), json.loads(full.read_text())
     for row in ("natural", "pgd-linf", "bpda-l2"):
-        assert _without_seconds(resumed["results"][row]) == _without_seconds(expected["results"][row])
-    # a row stopped on another device (whose generator differs) is measured again, from its first image
-    cut["progress"]["device"] = "cuda"
-    report.write_text(json.dumps(partial))
-    states[:] = []
-    status, out, err = cli(*argv, "--report", report, "--resume")
-    assert status == 0 and "pgd-linf: the report's row was stopped on another device" in out, err
-    assert len(states) == len(uninterrupted) and torch.equal(states[0], uninterrupted[0])
-    assert _without_seconds(json.loads(report.read_text())["results"]["pgd-linf"]) == \
-        _without_seconds(expected["results"]["pgd-linf"])
-
-
-class Killed(BaseException):
-    """Stands for kill -9 or a lost machine: no handler of model.py sees it."""
+        assert _without_seconds(_rows(report)[row]) == _without_seconds(_rows(full)[row])
 
 
 def test_a_killed_evaluation_leaves_its_finished_rows_and_apgd_batches(cli, tiny_copy, tmp_path, monkeypatch):
-    # the report is rewritten after every row and every APGD batch, not only when Ctrl-C can be handled
+    # the report is rewritten after every row and every batch, not only when Ctrl-C can be handled
+    class Killed(BaseException):
+        """Stands for kill -9 or a lost machine: no handler of model.py sees it."""
+
     _no_attack_then_raise_in_batch_2(monkeypatch, Killed)
     report = tmp_path / "r.json"
     with pytest.raises(Killed):
@@ -456,130 +470,115 @@ def test_a_killed_evaluation_leaves_its_finished_rows_and_apgd_batches(cli, tiny
     assert saved["complete"] is False and saved["model_sha256"] == _sha256(tiny_copy)
     assert saved["results"]["natural"]["n"] == 8
     row = saved["results"]["apgd-linf"]
-    assert row["complete"] is False and row["n_done"] == 4 and row["per_image"] == saved["results"]["natural"][
-        "per_image"][:4]
+    assert row["complete"] is False and row["n_done"] == 4
+    assert row["per_image"] == saved["results"]["natural"]["per_image"][:4]
+    # a row without its n_done (the record of its images is what counts) continues just the same
+    del row["n_done"]
+    report.write_text(json.dumps(saved))
+    monkeypatch.setattr(M, "apgd", lambda model, x, y, **kw: x.clone())
+    status, out, err = cli("--model-file", tiny_copy, "--eval", "natural,apgd-linf", "--n-eval", "8", "--report",
+                           report)
+    assert status == 0 and "apgd-linf: continuing after the first 4 of 8 images" in out, err
 
 
-def test_resume_measures_again_a_row_made_with_other_settings(cli, tiny_copy, tmp_path):
+def test_a_row_made_with_other_settings_is_measured_again_and_rows_not_asked_for_stay(cli, tiny_copy, tmp_path):
     report = tmp_path / "r.json"
-    base = ["--model-file", tiny_copy, "--eval", "natural,pgd-linf", "--n-eval", "8", "--report", report]
-    assert cli(*base, "--steps", "1")[0] == 0
-    status, out, err = cli(*base, "--steps", "2", "--resume")
+    base = ["--model-file", tiny_copy, "--n-eval", "8", "--report", report]
+    assert cli(*base, "--eval", "natural,pgd-linf,pgd-l2", "--steps", "1")[0] == 0
+    first = _rows(report)
+    status, out, err = cli(*base, "--eval", "pgd-linf", "--steps", "2", "--resume")
     assert status == 0 and "pgd-linf: the report's row was made with other settings; measuring it again" in out
-    assert json.loads(report.read_text())["results"]["pgd-linf"]["steps"] == 2
+    rows = _rows(report)
+    assert rows["pgd-linf"]["steps"] == 2 and rows["natural"] == first["natural"] and rows["pgd-l2"] == first["pgd-l2"]
 
 
-def test_resume_of_an_evaluation_refuses_what_it_cannot_continue(cli, tiny_copy, tmp_path):
+def test_a_report_of_other_settings_is_kept_and_resume_insists_on_continuing(cli, tiny_copy, tmp_path):
     report = tmp_path / "r.json"
     assert cli("--model-file", tiny_copy, "--eval", "natural", "--n-eval", "8", "--report", report)[0] == 0
     made = report.read_bytes()
     other = tmp_path / "other.pth"
     M.WideResNet(10, 1).save(str(other))
-    cases = [
-        (["--model-file", tiny_copy, "--resume"], "give its --report"),
-        (["--model-file", tiny_copy, "--resume", "--report", tmp_path / "none.json"], "no report"),
-        (["--model-file", other, "--resume", "--report", report], "was made with another model file (sha256)"),
-        (["--model-file", tiny_copy, "--resume", "--report", report, "--n-eval", "16"],
-         "was made with another number of images (8 there, 16 here)"),
-        (["--model-file", tiny_copy, "--resume", "--report", report, "--n-eval", "8", "--split", "val"],
-         "another --split"),
-        (["--model-file", tiny_copy, "--resume", "--report", report, "--n-eval", "8", "--calibrate"],
-         "an interrupted calibration continues by itself"),
-        (["--model-file", tmp_path / "missing.pth", "--resume", "--report", report], "does not exist"),
-    ]
+    cases = [(["--model-file", tiny_copy, "--resume"], "--resume continues training (with --force-train) or"),
+             (["--model-file", tiny_copy, "--resume", "--report", tmp_path / "none.json"],
+              f"--resume: no report {tmp_path / 'none.json'} to continue"),
+             (["--model-file", other, "--resume", "--report", report], "was made with other settings (model_sha256"),
+             (["--model-file", tiny_copy, "--resume", "--report", report, "--n-eval", "16"], "(n 8 there)"),
+             (["--model-file", tiny_copy, "--resume", "--report", report, "--n-eval", "8", "--calibrate"],
+              "an interrupted calibration or evaluation also continues when its command is run again")]
     for argv, fragment in cases:
         _one_error(*cli(*argv)[::2], fragment)
-    (tmp_path / "bad.json").write_text("{not json")
-    _one_error(*cli("--model-file", tiny_copy, "--resume", "--report", tmp_path / "bad.json")[::2], "cannot read")
-    other_alpha = tmp_path / "alpha.json"
-    other_alpha.write_text(json.dumps({**json.loads(made), "alpha": 0.35}))
-    _one_error(*cli("--model-file", tiny_copy, "--resume", "--report", other_alpha, "--n-eval", "8")[::2],
-               f"--resume: {other_alpha} was made at alpha 0.35, this run evaluates at alpha 0")
     assert report.read_bytes() == made
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["alpha.json", "bad.json", "m.pth", "other.pth", "r.json"]
+    # without --resume, a report of other settings (another --n-eval, say) is kept as .prev: nothing is lost
+    status, out, err = cli("--model-file", tiny_copy, "--eval", "natural", "--n-eval", "4", "--report", report)
+    assert status == 0 and f"note: {report} was made with other settings (n 8 there)" in out, out
+    assert (tmp_path / "r.json.prev").read_bytes() == made and json.loads(report.read_text())["n"] == 4
 
 
-def test_an_interrupted_calibration_continues_from_its_finished_alphas(cli, tiny_copy, tmp_path, monkeypatch):
+def test_an_interrupted_calibration_continues_from_its_finished_rows(cli, tiny_copy, tmp_path, monkeypatch):
     argv = ["--model-file", tiny_copy, "--calibrate", "--alpha-grid", "0,0.1", "--alpha-criterion", "bpda",
             "--steps", "1", "--n-train", "128", "--n-eval", "16"]
     before, progress = _sha256(tiny_copy), tmp_path / "m.pth.calibration.json"
-    real_evaluate, measured, stop = M.evaluate, [], [True]
-
-    def stop_at_alpha_01(model, batches, attack=None, desc="natural", verbose=True):
-        measured.append(desc)
-        if desc.startswith("alpha 0.1") and stop[0]:
-            raise KeyboardInterrupt
-        return real_evaluate(model, batches, attack, desc=desc, verbose=verbose)
-
-    monkeypatch.setattr(M, "evaluate", stop_at_alpha_01)
+    real = _interrupt_row(monkeypatch, "alpha 0.1 natural")
     status, out, err = cli(*argv)
     assert status == 1 and _sha256(tiny_copy) == before
-    assert err[-1] == (f"interrupted; the calibration keeps what it finished in {progress}: run the same command "
-                       f"again to continue"), err
-    assert list(json.loads(progress.read_text())["alphas"]) == ["0"]
-    measured.clear()
-    stop[0] = False
+    assert err[-1] == f"interrupted; the calibration keeps what it finished in {progress}: run the same command " \
+                      f"to continue", err
+    assert list(_rows(progress)) == ["alpha 0 natural", "alpha 0 pgd-linf", "alpha 0 bpda-linf"]
+    monkeypatch.setattr(M.Report, "row", real)
     status, out, err = cli(*argv)
     assert status == 0, err
-    assert f"alpha 0.000: kept from {progress}" in out
-    assert not any(desc.startswith("alpha 0 ") for desc in measured) and "alpha 0.1 clean" in measured
+    assert f"alpha 0 pgd-linf: kept from {progress}" in out and "alpha 0.1 natural: kept" not in out
     assert not progress.exists()
-    sweep = M.load_model(str(tiny_copy)).meta["calibration"]["sweep"]
-    assert [row["alpha"] for row in sweep] == [0.0, 0.1]
+    assert [row["alpha"] for row in M.load_model(str(tiny_copy)).meta["calibration"]["sweep"]] == [0.0, 0.1]
 
 
-def test_a_calibration_interrupted_after_training_says_to_rerun_it_without_force_train(cli, tmp_path, monkeypatch):
-    real_evaluate = M.evaluate
-
-    def stop_at_alpha_01(model, batches, attack=None, desc="natural", verbose=True):
-        if desc.startswith("alpha 0.1"):
-            raise KeyboardInterrupt
-        return real_evaluate(model, batches, attack, desc=desc, verbose=verbose)
-
-    monkeypatch.setattr(M, "evaluate", stop_at_alpha_01)
+def test_interruptions_after_training_or_calibrating_name_the_command_that_continues(cli, tmp_path, monkeypatch):
     model_file = tmp_path / "new.pth"
+    real = _interrupt_row(monkeypatch, "alpha 0.1 natural")
     status, out, err = cli(*TINY_TRAIN, "--model-file", model_file, "--calibrate", "--alpha-grid", "0,0.1",
                            "--alpha-criterion", "bpda", "--steps", "1", "--n-eval", "8")
     assert status == 1 and err[-1] == (f"interrupted; the calibration keeps what it finished in {model_file}"
-                                       f".calibration.json: run the calibration again without --force-train "
-                                       f"({model_file} holds the trained model) to continue"), err
+                                       f".calibration.json: run the command without --force-train to continue"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.pth", "new.pth.calibration.json"]
+    assert M.load_model(str(model_file)).meta["training"]["epochs"] == 1    # the trained model was saved
+    monkeypatch.setattr(M.Report, "row", real)
+    monkeypatch.setattr(M, "calibrate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    status, out, err = cli(*TINY_TRAIN, "--model-file", tmp_path / "b.pth", "--calibrate", "--n-eval", "8")
+    assert status == 1 and err[-1] == (f"interrupted; {tmp_path / 'b.pth'} holds the trained model: run the command "
+                                       f"without --force-train to continue"), err
 
 
-def test_ctrl_c_after_training_keeps_the_trained_model(cli, tmp_path, monkeypatch):
-    # the trained weights are saved before calibration: a GPU call cut there still brings them back
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(M, "calibrate", interrupt)
-    model_file = tmp_path / "new.pth"
-    status, out, err = cli(*TINY_TRAIN, "--model-file", model_file, "--calibrate", "--n-eval", "8")
-    assert status == 1 and err[-1] == (f"interrupted; {model_file} holds the trained model: run the calibration "
-                                       f"again without --force-train to continue"), err   # not train it again
-    assert f"saved {model_file}" in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.pth"]      # the checkpoint's job is done
-    meta = M.load_model(str(model_file)).meta
-    assert meta["training"]["epochs"] == 1 and "calibration" not in meta
-
-
-def test_an_evaluation_interrupted_after_calibrating_says_to_resume_it_without_calibrate(cli, tiny_copy, tmp_path,
-                                                                                       monkeypatch):
-    # repeating the whole command would calibrate again (hours of APGD on a CPU), and --resume with
-    # --calibrate is refused: the hints name the command that continues
+def test_an_evaluation_interrupted_after_calibrating_says_to_continue_it_without_calibrate(cli, tiny_copy, tmp_path,
+                                                                                          monkeypatch):
     report = tmp_path / "r.json"
     evaluation = ["--model-file", tiny_copy, "--eval", "natural,pgd-linf", "--n-eval", "8", "--steps", "1",
                   "--report", report]
-    real = M.run_attack
-    monkeypatch.setattr(M, "run_attack", lambda model, name, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
-                        if name == "pgd-linf" else real(model, name, *a, **k))
+    real = _interrupt_row(monkeypatch, "pgd-linf")
     status, out, err = cli(*evaluation, "--calibrate", "--alpha-grid", "0,0.1", "--alpha-criterion", "bpda",
                            "--n-train", "128")
     assert status == 1 and f"saved {tiny_copy} (calibrated)" in out
-    assert err[-1] == (f"interrupted: the rows finished so far are in {report}, marked incomplete; continue them with "
-                       f"--resume and the evaluation's flags alone (without --force-train or --calibrate)"), err
-    assert sum(line.startswith("interrupted") for line in err) == 1, err
-    monkeypatch.setattr(M, "run_attack", real)
-    status, out, err = cli(*evaluation, "--resume")
-    assert status == 0 and f"(kept from {report})" in out, err
-    resumed = json.loads(report.read_text())
-    assert resumed["complete"] is True and list(resumed["results"]) == ["natural", "pgd-linf"]
+    assert err[-1] == (f"interrupted: the rows finished so far are in {report}, marked incomplete; run the command "
+                       f"without --force-train or --calibrate to continue"), err
+    monkeypatch.setattr(M.Report, "row", real)
+    status, out, err = cli(*evaluation)
+    assert status == 0 and f"natural: kept from {report}" in out, err
+    assert json.loads(report.read_text())["complete"] is True
+
+
+def test_an_interruption_in_the_first_epoch_says_that_nothing_was_kept(cli, tmp_path, monkeypatch):
+    monkeypatch.setattr(M, "train_step", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    status, out, err = cli(*TINY_TRAIN, "--model-file", tmp_path / "x.pth")
+    assert status == 1 and err[-1] == ("interrupted in the first epoch, before any checkpoint: nothing was kept, "
+                                       "the same command starts over"), err
+
+
+def test_what_a_run_reports_is_what_its_model_file_gives(cli, tmp_path):
+    """After --force-train --calibrate the evaluation runs on the model as saved (float16 weights): a fresh
+    evaluation of the file gives the same figures, image by image."""
+    model_file, first, again = tmp_path / "x.pth", tmp_path / "first.json", tmp_path / "again.json"
+    rows = ["--eval", "natural,pgd-linf", "--n-eval", "32", "--split", "val", "--steps", "2"]
+    assert cli(*TINY_TRAIN, "--model-file", model_file, "--calibrate", "--alpha-grid", "0,0.2", "--alpha-criterion",
+               "bpda", *rows, "--report", first)[0] == 0
+    assert cli("--model-file", model_file, *rows, "--report", again)[0] == 0
+    for name in ("natural", "pgd-linf"):
+        assert _rows(first)[name]["per_image"] == _rows(again)[name]["per_image"]

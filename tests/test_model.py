@@ -210,7 +210,7 @@ def test_set_get_alpha_and_alpha_set_to():
 def test_net_is_wrn_28_4_with_25_meansparse_called_once_each():
     torch.manual_seed(0)
     net = M.Net().eval()
-    assert net.arch == {"depth": 28, "widen_factor": 4, "num_classes": 10}
+    assert net.arch == {"name": "wrn", "depth": 28, "widen_factor": 4, "num_classes": 10}
     assert net.arch_name == "WRN-28-4"
     modules = M.meansparse_modules(net)
     assert len(modules) == 25
@@ -251,11 +251,40 @@ def test_parse_arch_rejects_bad_architectures(text):
 
 
 def test_build_model_picks_net_for_the_default_arch():
-    assert M.parse_arch("16-2") == (16, 2)
+    assert M.parse_arch("16-2") == {"name": "wrn", "depth": 16, "widen_factor": 2, "num_classes": 10}
+    assert M.parse_arch("preact18") == {"name": "preact18", "num_classes": 10}
     small = M.build_model("10-1")
     assert type(small) is M.WideResNet and small.arch["depth"] == 10
+    # a description without a name (files written before PreAct ResNet-18) is a WideResNet's
     assert type(M.build_model({"depth": 10, "widen_factor": 2, "num_classes": 10})) is M.WideResNet
     assert type(M.build_model("28-4")) is M.Net
+    assert type(M.build_model({"depth": 28, "widen_factor": 4, "num_classes": 10})) is M.Net
+    assert type(M.build_model("preact18")) is M.PreActResNet18
+
+
+def test_preact_resnet18_has_a_meansparse_before_every_relu_and_saves_and_loads(tmp_path):
+    torch.manual_seed(0)
+    net = _randomise_buffers(M.PreActResNet18()).eval()
+    assert net.arch_name == "PreAct ResNet-18" and len(M.meansparse_modules(net)) == 17
+    assert 11.1e6 < sum(p.numel() for p in net.parameters()) < 11.2e6          # the literature's 11.2 M
+    relu_inputs, sparse_outputs = [], []
+    hooks = [m.register_forward_hook(lambda mod, i, o: sparse_outputs.append(o)) for m in M.meansparse_modules(net)]
+    real_relu = F.relu
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(F, "relu", lambda t, *a, **k: relu_inputs.append(t) or real_relu(t, *a, **k))
+        x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            reference = net(x)
+    for h in hooks:
+        h.remove()
+    assert reference.shape == (2, 10)
+    assert len(relu_inputs) == 17 and all(r is s for r, s in zip(relu_inputs, sparse_outputs))
+    M.set_alpha(net, 0.25)
+    net.save(str(tmp_path / "p.pth"), {"note": 1})
+    loaded = M.load_model(str(tmp_path / "p.pth"))
+    assert type(loaded) is M.PreActResNet18 and loaded.meta == {"note": 1} and M.get_alpha(loaded) == 0.25
+    with pytest.raises(M.UserError, match="holds a PreAct ResNet-18, this network is a WRN-10-1"):
+        M.WideResNet(10, 1).load(str(tmp_path / "p.pth"))
 
 
 def test_cpu_forward_splits_big_eval_batches_with_the_same_logits_and_gradients(monkeypatch):
@@ -321,7 +350,7 @@ def test_save_stores_float16_weights_and_float32_buffers(saved_tiny):
     net, path, meta = saved_tiny
     payload = torch.load(path, weights_only=True)
     assert payload["format"] == M.FILE_FORMAT
-    assert payload["arch"] == {"depth": 10, "widen_factor": 1, "num_classes": 10}
+    assert payload["arch"] == {"name": "wrn", "depth": 10, "widen_factor": 1, "num_classes": 10}
     assert payload["alpha"] == 0.2
     assert payload["meta"] == meta
     state = payload["state_dict"]
@@ -451,14 +480,15 @@ def _write(path, content):
 
 
 @pytest.mark.parametrize("content, reason", [
-    ({"epoch": 3, "note": "not a model"}, "holds neither a state_dict entry nor only tensors"),
-    ({"state_dict": {"a": 1}}, "state_dict entry 'a' is of type int, not a tensor"),
-    ({"state_dict": []}, "its state_dict is not a non-empty dict"),
-    ({"arch": {"depth": 28}, "state_dict": {"w": torch.zeros(1)}}, "its arch"),
+    ({"epoch": 3, "note": "not a model"}, "it has no state_dict of named tensors"),
+    ({"state_dict": {"a": 1}}, "it has no state_dict of named tensors"),
+    ({"state_dict": []}, "it has no state_dict of named tensors"),
+    ({"arch": {"depth": 28}, "state_dict": {"w": torch.zeros(1)}}, "is none of wrn, preact18 with its integer"),
+    ({"arch": {"name": "vit", "num_classes": 10}, "state_dict": {"w": torch.zeros(1)}}, "is none of wrn, preact18"),
     ({"arch": {"depth": 12, "widen_factor": 1, "num_classes": 10}, "state_dict": {"w": torch.zeros(1)}},
      "no CIFAR-10 WideResNet"),
     ({"arch": {"depth": 10, "widen_factor": 1, "num_classes": 10}, "meta": [1], "state_dict": {"w": torch.zeros(1)}},
-     "its meta is a list"),
+     "its meta is not a dict"),
     ([1, 2], "holds a list"),
     ("a text file\n", "not written by torch.save"),
     ("directory", "is a directory, not a model file"),
@@ -523,3 +553,17 @@ def test_load_for_testing_loads_the_committed_file_in_eval_mode(repo_root, commi
     assert M.get_alpha(net) == payload["alpha"] == calibration["alpha"]
     assert calibration["criterion"] == "adaptive" and calibration["n_val"] == 1024
     assert M.choose_alpha(calibration["sweep"], "adaptive") == calibration["alpha"]
+
+
+def test_the_platform_part_needs_torch_alone(repo_root, run_python, tmp_path):
+    """Net().load_for_testing() and a forward pass with tqdm, numpy, matplotlib and pyautoattack unimportable."""
+    code = ("import sys\n"
+            "for name in ('tqdm', 'numpy', 'matplotlib', 'pyautoattack', 'torchvision'):\n"
+            "    sys.modules[name] = None\n"
+            f"sys.path.insert(0, {str(repo_root)!r})\n"
+            "import torch, model\n"
+            f"net = model.Net().load_for_testing({str(repo_root)!r})\n"
+            "print(tuple(net(torch.rand(2, 3, 32, 32)).shape), net.training)\n")
+    result = run_python(["-W", "ignore", "-c", code], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "(2, 10) False"

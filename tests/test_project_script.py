@@ -4,21 +4,29 @@ import shutil
 
 import pytest
 
-LOAD_FOR_TESTING_EVAL = ("        self.load(os.path.join(project_dir, Net.model_file))\n"
-                         "        self.to(memory_format=torch.channels_last)\n"
-                         "        self.eval()\n"
-                         "        return self\n")
+# A project whose model.py is the real one with Net.load_for_testing (or forward) changed after the real
+# method: the broken projects a student might hand in, made without editing the real source.
+WRAPPER = """import importlib.util
+import torch
+_spec = importlib.util.spec_from_file_location("real_model", {real!r})
+real = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(real)
 
 
-def _fake_project(root, repo_root, *, patch=None, weights=True):
-    """A copy of the project in `root`: model.py (optionally with load_for_testing's body replaced) and,
-    when `weights`, a copy of the committed weights."""
+class Net(real.Net):
+    def load_for_testing(self, project_dir="./"):
+        super().load_for_testing(project_dir)
+{after}
+        return self
+{extra}"""
+
+
+def _fake_project(root, repo_root, *, after="", extra="", weights=True):
+    """A project in `root` whose Net runs `after` at the end of load_for_testing (and has `extra` methods)
+    and, when `weights`, a copy of the committed weights."""
     root.mkdir()
-    source = (repo_root / "model.py").read_text()
-    if patch is not None:
-        assert source.count(LOAD_FOR_TESTING_EVAL) == 1, "load_for_testing changed shape: update this test"
-        source = source.replace(LOAD_FOR_TESTING_EVAL, patch)
-    (root / "model.py").write_text(source)
+    (root / "model.py").write_text(WRAPPER.format(real=str(repo_root / "model.py"), after=after or "        pass",
+                                                  extra=extra))
     if weights:
         (root / "models").mkdir()
         shutil.copyfile(repo_root / "models" / "default_model.pth", root / "models" / "default_model.pth")
@@ -66,10 +74,7 @@ def test_project_without_weights_fails(run_checker, repo_root, tmp_path):
 
 
 def test_load_for_testing_without_eval_fails(run_checker, repo_root, tmp_path):
-    project = _fake_project(tmp_path / "noeval", repo_root,
-                            patch="        self.load(os.path.join(project_dir, Net.model_file))\n"
-                                  "        self.to(memory_format=torch.channels_last)\n"
-                                  "        return self\n")
+    project = _fake_project(tmp_path / "noeval", repo_root, after="        self.train()")
     result = run_checker(project, tmp_path)
     assert result.returncode == 1
     assert "FAILED: load_for_testing left the model in train mode" in result.stderr
@@ -77,12 +82,8 @@ def test_load_for_testing_without_eval_fails(run_checker, repo_root, tmp_path):
 
 
 def test_weights_that_differ_from_the_file_fail(run_checker, repo_root, tmp_path):
-    project = _fake_project(tmp_path / "noisy", repo_root,
-                            patch=LOAD_FOR_TESTING_EVAL.replace(
-                                "        self.eval()\n",
-                                "        self.eval()\n"
-                                "        with torch.no_grad():\n"
-                                "            self.fc.weight.add_(1e-3)\n"))
+    project = _fake_project(tmp_path / "noisy", repo_root, after="        with torch.no_grad():\n"
+                                                                 "            self.fc.weight.add_(1e-3)")
     result = run_checker(project, tmp_path)
     assert result.returncode == 1
     assert "FAILED: loaded weights differ from" in result.stderr and "at fc.weight" in result.stderr
@@ -90,8 +91,8 @@ def test_weights_that_differ_from_the_file_fail(run_checker, repo_root, tmp_path
 
 
 def test_fake_project_copy_itself_passes_the_checks_before_evaluation(run_checker, repo_root, tmp_path):
-    """Control for the failure cases above: the unpatched copy gets past every check (a broken data
-    folder then stops it, so the 1,024-image evaluation is not paid twice)."""
+    """Control for the failure cases above: the wrapper that changes nothing gets past every check (a broken
+    data folder then stops it, so the 1,024-image evaluation is not paid twice)."""
     project = _fake_project(tmp_path / "control", repo_root)
     empty_data = tmp_path / "nodata"
     (empty_data / "cifar-10-batches-py").mkdir(parents=True)
@@ -105,13 +106,9 @@ def test_weights_that_differ_below_float16_resolution_fail(run_checker, repo_roo
     before comparing, so any difference smaller than float16's rounding (here every weight scaled by
     1 + 1e-5) passes as "exactly the weights of the committed file". An empty data folder stops the run
     right after the checks, so the 1,024-image evaluation is not paid."""
-    project = _fake_project(tmp_path / "tiny_noise", repo_root,
-                            patch=LOAD_FOR_TESTING_EVAL.replace(
-                                "        self.eval()\n",
-                                "        self.eval()\n"
-                                "        with torch.no_grad():\n"
-                                "            for p in self.parameters():\n"
-                                "                p.mul_(1 + 1e-5)\n"))
+    project = _fake_project(tmp_path / "tiny_noise", repo_root, after="        with torch.no_grad():\n"
+                                                                      "            for p in self.parameters():\n"
+                                                                      "                p.mul_(1 + 1e-5)")
     empty_data = tmp_path / "nodata"
     (empty_data / "cifar-10-batches-py").mkdir(parents=True)
     result = run_checker(project, tmp_path, data=empty_data)
@@ -119,6 +116,18 @@ def test_weights_that_differ_below_float16_resolution_fail(run_checker, repo_roo
     assert "FAILED: loaded weights differ from" in result.stderr, (
         "test_project.py accepted weights that differ from the file (every parameter scaled by 1 + 1e-5); "
         f"it stopped only at the data: {result.stderr.strip()[-300:]}")
+
+
+def test_a_gradient_in_another_layout_than_the_input_fails(run_checker, repo_root, tmp_path):
+    """A channels_last model whose forward does not hand the input gradient back in the input's layout: a
+    grader's L2 step (grad.view(n, -1)) would crash on it, and test_project.py says so before the grader does."""
+    project = _fake_project(tmp_path / "layout", repo_root, extra="""
+    def forward(self, x):
+        return self.logits((x - self.input_mean) / self.input_std)
+""")
+    result = run_checker(project, tmp_path)
+    assert result.returncode == 1
+    assert "FAILED: the input gradient has strides (3072, 1, 96, 3), not those of the NCHW input" in result.stderr
 
 
 @pytest.mark.parametrize("value, message", [("-5", "must be > 0, got -5"), ("0", "must be > 0, got 0"),

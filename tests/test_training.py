@@ -1,5 +1,6 @@
 """Training: train() on a WRN-10-1 with a few hundred images; schedule helpers; EMA; resume; failures;
 DDP under torchrun."""
+import importlib.util
 import math
 
 import pytest
@@ -207,7 +208,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(small_sets, tmp
     """With every option that carries state or depends on the run's progress: TRADES with a 2-step attack
     of step eps, eps ramp, AWP after a warm-up, a late EMA and weights chosen by the APGD check."""
     train_set, val_set = small_sets
-    cfg = _cfg(epochs=3, val_every=1, trades=6.0, attack_steps=2, attack_step_size=M.EPS_LINF, eps_ramp=0.5,
+    cfg = _cfg(epochs=3, val_every=1, trades=6.0, attack_steps=2, attack_step_size=M.NORMS["linf"].eps, eps_ramp=0.5,
                awp=5e-3, awp_warmup=0.5, ema=0.9, ema_start=0.4, select_from=0.3, select_n=16, select_iters=2)
 
     reference, ref_info = M.train(_net(0), train_set, val_set, cfg, device="cpu",
@@ -268,16 +269,6 @@ def test_resume_with_other_settings_or_no_checkpoint_is_a_user_error(small_sets,
         M.train(_net(), train_set, val_set, other, device="cpu", checkpoint_path=str(ckpt), resume=True,
                 log=_quiet)
     assert "lr" in str(info.value) and str(ckpt) in str(info.value)
-
-
-def test_train_without_resume_never_replaces_an_unfinished_run(small_sets, tmp_path):
-    # the library path refuses as the CLI does: the checkpoint may hold hours of training
-    train_set, val_set = small_sets
-    ckpt = tmp_path / "a.ckpt"
-    ckpt.write_bytes(b"an unfinished run")
-    with pytest.raises(M.UserError, match="holds an unfinished training run .*add --resume"):
-        M.train(_net(), train_set, val_set, _cfg(epochs=1), device="cpu", checkpoint_path=str(ckpt), log=_quiet)
-    assert ckpt.read_bytes() == b"an unfinished run"
 
 
 def test_too_few_images_for_one_batch_is_a_user_error(small_sets, tmp_path):
@@ -342,7 +333,7 @@ def test_trades_runs_one_epoch(small_sets, tmp_path):
 
 
 def test_an_unfinished_run_without_checks_is_rescued_with_its_last_weights(small_sets, tmp_path, repo_root,
-                                                                            run_python):
+                                                                            run_python, capsys):
     train_set, val_set = small_sets
     net, info = M.train(_net(), train_set, val_set, _cfg(epochs=1), device="cpu",
                         checkpoint_path=str(tmp_path / "m.ckpt"), log=_quiet)
@@ -356,28 +347,27 @@ def test_an_unfinished_run_without_checks_is_rescued_with_its_last_weights(small
     assert training["history"] == info["history"] and training["config"] == info["config"]
     assert torch.equal(loaded.fc.weight, net.fc.weight.detach().half().float())
     # a file already there is kept as .prev
-    first = (tmp_path / "r.pth").read_bytes()
-    result = run_python([str(repo_root / "bench" / "rescue.py"), str(tmp_path / "m.ckpt"), str(tmp_path / "r.pth")],
-                        cwd=tmp_path, timeout=120)
-    assert result.returncode == 0 and "kept the file this run replaces as" in result.stdout, result.stderr[-2000:]
+    first, rescue = (tmp_path / "r.pth").read_bytes(), _rescue_module(repo_root)
+    assert rescue.main([str(tmp_path / "m.ckpt"), str(tmp_path / "r.pth")]) == 0
+    assert "kept the file this run replaces as" in capsys.readouterr().out
     assert (tmp_path / "r.pth.prev").read_bytes() == first
     # bad input: one line, exit 2, and the file named stays as it was
     committed = repo_root / "models" / "default_model.pth"
     committed_bytes = committed.read_bytes()
-    for args, message in [([str(tmp_path / "nope.ckpt"), str(tmp_path / "x.pth")], "nope.ckpt"),
-                          ([str(tmp_path / "r.pth"), str(tmp_path / "x.pth")], "not a training checkpoint"),
-                          ([str(tmp_path / "m.ckpt"), str(tmp_path / "m.ckpt")], "is the checkpoint itself"),
-                          ([str(tmp_path / "m.ckpt"), str(committed)], "is the file Net() loads")]:
-        result = run_python([str(repo_root / "bench" / "rescue.py"), *args], cwd=tmp_path, timeout=120)
-        assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1, \
-            result.stderr
+    for args, message in [([tmp_path / "nope.ckpt", tmp_path / "x.pth"], "nope.ckpt"),
+                          ([tmp_path / "r.pth", tmp_path / "x.pth"], "not a training checkpoint"),
+                          ([tmp_path / "m.ckpt", tmp_path / "m.ckpt"], "is the checkpoint itself"),
+                          ([tmp_path / "m.ckpt", committed], "is the file Net() loads")]:
+        assert rescue.main([str(a) for a in args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert "delete" not in err           # a model file named by mistake is not to be deleted
     assert committed.read_bytes() == committed_bytes and not (repo_root / "models" / "default_model.pth.prev").exists()
     # not while another run writes the same file
     rescued = (tmp_path / "r.pth").read_bytes()
     with M.write_lock(str(tmp_path / "r.pth")):
-        result = run_python([str(repo_root / "bench" / "rescue.py"), str(tmp_path / "m.ckpt"),
-                             str(tmp_path / "r.pth")], cwd=tmp_path, timeout=120)
-    assert result.returncode == 2 and "is being written by another run" in result.stderr, result.stderr
+        assert rescue.main([str(tmp_path / "m.ckpt"), str(tmp_path / "r.pth")]) == 2
+    assert "is being written by another run" in capsys.readouterr().err
     assert (tmp_path / "r.pth").read_bytes() == rescued
 
 
@@ -395,10 +385,17 @@ def test_ema_run_keeps_the_better_of_final_and_ema(small_sets, tmp_path):
     # the kept weights give the recorded validation figures
     val = M.Batches(*val_set, 512, device="cpu")
     kept = info["ema_val"] if info["weights"] == "ema" else {"clean": final["val_clean"]}
-    assert M.evaluate(net, val, verbose=False) == pytest.approx(kept["clean"])
+    assert M.accuracy(net, val, "natural", M.AttackOptions(), verbose=False) == pytest.approx(kept["clean"])
 
 
-def test_selection_keeps_the_best_weights_the_apgd_checks_saw(small_sets, tmp_path, monkeypatch):
+def _rescue_module(repo_root):
+    spec = importlib.util.spec_from_file_location("rescue", repo_root / "bench" / "rescue.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_selection_keeps_the_best_weights_the_apgd_checks_saw(small_sets, tmp_path, monkeypatch, repo_root):
     train_set, val_set = small_sets
     scores = iter([(10.0, 50.0), (30.0, 50.0), (20.0, 60.0), (30.0, 55.0), (25.0, 70.0), (5.0, 70.0)])
     checked = []
@@ -423,7 +420,7 @@ def test_selection_keeps_the_best_weights_the_apgd_checks_saw(small_sets, tmp_pa
     assert "keeping the ema weights of epoch 3 (validation APGD 30.00, clean 55.00, on 64 images)" in lines[-1]
     assert "ema_val" not in info                     # the PGD-10 choice between final and EMA is not made
     # a run cut off after its last check: its checkpoint becomes a model file with the same selected weights
-    rescued = M.rescue_checkpoint(str(tmp_path / "m.ckpt"), str(tmp_path / "r.pth"), log=lines.append)
+    rescued = _rescue_module(repo_root).rescue(str(tmp_path / "m.ckpt"), str(tmp_path / "r.pth"), log=lines.append)
     assert lines[-1] == f"wrote {tmp_path / 'r.pth'}: the ema weights of epoch 3 of an unfinished run (4 of 4 epochs)"
     loaded = M.load_model(str(tmp_path / "r.pth"))
     assert loaded.meta["training"]["selected"] == info["selected"] and loaded.meta["training"]["complete"] is False
