@@ -2,7 +2,7 @@
 """Load the project the way the grading platform does and measure its natural accuracy.
 
     ./test_project.py                      # the project in this script's folder
-    ../test_project.py ../ --data-dir ../../shared/cifar10
+    ../test_project.py ../ --data-dir ../data
 
 It imports <project>/model.py, builds `Net()`, moves it to the device, calls
 `load_for_testing(project_dir=<project>)`, checks that the model is in eval mode and holds exactly the

@@ -91,7 +91,7 @@ def tiny_trained_state(train_set, val_set, tmp_path_factory):
     about 30 % accuracy, far above chance, with no robustness at all. Trained once for all pytest workers:
     the first one writes it into their shared temporary folder, the others read it."""
     shared = tmp_path_factory.getbasetemp()
-    shared = shared.parent if "PYTEST_XDIST_WORKER" in os.environ else shared     # this session's workers' folder
+    shared = shared.parent if "PYTEST_XDIST_WORKER" in os.environ else shared     # this test run's workers' folder
     with open(shared / "tiny.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (shared / "tiny_state.pt").exists():

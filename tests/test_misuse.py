@@ -385,7 +385,7 @@ def _no_attack_then_raise_in_batch_2(monkeypatch, exception):
 
 
 def test_an_interrupted_apgd_row_keeps_its_finished_batches(cli, tiny_copy, tmp_path, monkeypatch):
-    # a GPU run stopped at its deadline keeps the worst case of the images it finished
+    # a GPU run stopped by its time limit keeps the worst case of the images it finished
     first = tmp_path / "first4.json"
     assert cli("--model-file", tiny_copy, "--eval", "natural", "--n-eval", "4", "--report", first)[0] == 0
     calls = _no_attack_then_raise_in_batch_2(monkeypatch, KeyboardInterrupt)
@@ -401,7 +401,7 @@ def test_an_interrupted_apgd_row_keeps_its_finished_batches(cli, tiny_copy, tmp_
 
 
 def test_an_interrupted_apgd_row_continues_as_if_never_stopped(cli, tiny_copy, tmp_path, monkeypatch):
-    # hours of CPU APGD, or a GPU run cut at its deadline, continue from the last finished batch
+    # hours of CPU APGD, or a GPU run stopped by its time limit, continue from the last finished batch
     argv = ["--model-file", tiny_copy, "--eval", "natural,apgd-linf", "--n-eval", "8", "--apgd-iters", "3"]
     full, report = tmp_path / "full.json", tmp_path / "r.json"
     assert cli(*argv, "--eval-batch-size", "4", "--report", full)[0] == 0
