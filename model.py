@@ -291,28 +291,32 @@ def meansparse_modules(model):
 
 
 @contextlib.contextmanager
-def _meansparse_mode(model, mode):
+def meansparse_as(model, mode=None, alpha=None):
+    """Every MeanSparse of `model` in `mode` ("mask", "bpda" or "off") and at threshold `alpha` inside the
+    block (None: as they are), as they were after it."""
     modules = meansparse_modules(model)
-    before = [m.mode for m in modules]
+    before = [(m.mode, m.alpha.clone()) for m in modules]
     for m in modules:
-        m.mode = mode
+        m.mode = mode or m.mode
+        m.alpha.fill_(m.alpha if alpha is None else alpha)
     try:
         yield model
     finally:
-        for m, b in zip(modules, before):
-            m.mode = b
+        for m, (old_mode, old_alpha) in zip(modules, before):
+            m.mode = old_mode
+            m.alpha.copy_(old_alpha)
 
 
 def bpda(model):
-    """Straight-through (BPDA) gradients through every MeanSparse of `model` inside the block: the mask
-    in the forward pass, the identity in the backward pass."""
-    return _meansparse_mode(model, "bpda")
+    """Straight-through (BPDA) gradients through every MeanSparse inside the block: the mask in the forward
+    pass, the identity in the backward pass."""
+    return meansparse_as(model, "bpda")
 
 
 def bypassed(model):
-    """Every MeanSparse of `model` is the identity inside the block. Training uses it: before calibration
-    alpha is 0 anyway, and skipping the masks' elementwise passes makes each step faster."""
-    return _meansparse_mode(model, "off")
+    """Every MeanSparse is the identity inside the block. Training uses it: before calibration alpha is 0
+    anyway, and skipping the masks' elementwise passes makes each step faster."""
+    return meansparse_as(model, "off")
 
 
 def get_alpha(model):
@@ -323,18 +327,6 @@ def get_alpha(model):
 def set_alpha(model, alpha):
     for m in meansparse_modules(model):
         m.alpha.fill_(alpha)
-
-
-@contextlib.contextmanager
-def alpha_set_to(model, alpha):
-    """MeanSparse threshold `alpha` on every module inside the block, the old values after it."""
-    before = [m.alpha.clone() for m in meansparse_modules(model)]
-    set_alpha(model, alpha)
-    try:
-        yield model
-    finally:
-        for m, b in zip(meansparse_modules(model), before):
-            m.alpha.copy_(b)
 
 
 def _layout(t):
@@ -418,52 +410,48 @@ class RobustNet(nn.Module):
         return self
 
 
-class BasicBlock(nn.Module):
-    """Pre-activation block: BN -> MeanSparse -> ReLU -> conv, twice, plus the shortcut."""
+class Block(nn.Module):
+    """Pre-activation residual block: BN -> MeanSparse -> ReLU -> conv, twice; where the shape changes the
+    shortcut is a 1x1 convolution of the activated input (RobustBench's WideResNet names)."""
 
     def __init__(self, in_planes, out_planes, stride):
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.sparse1 = MeanSparse(in_planes)
-        self.relu1 = nn.ReLU(inplace=True)
+        self.bn1, self.sparse1 = nn.BatchNorm2d(in_planes), MeanSparse(in_planes)
         self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_planes)
-        self.sparse2 = MeanSparse(out_planes)
-        self.relu2 = nn.ReLU(inplace=True)
+        self.bn2, self.sparse2 = nn.BatchNorm2d(out_planes), MeanSparse(out_planes)
         self.conv2 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
-        self.equal_in_out = in_planes == out_planes and stride == 1
-        self.convShortcut = None if self.equal_in_out else nn.Conv2d(in_planes, out_planes, 1, stride, 0, bias=False)
+        self.convShortcut = None if in_planes == out_planes and stride == 1 else \
+            nn.Conv2d(in_planes, out_planes, 1, stride, 0, bias=False)
 
     def forward(self, x):
-        o = self.relu1(self.sparse1(self.bn1(x)))
-        shortcut = x if self.equal_in_out else self.convShortcut(o)
-        return self.conv2(self.relu2(self.sparse2(self.bn2(self.conv1(o))))) + shortcut
+        o = F.relu(self.sparse1(self.bn1(x)), inplace=True)
+        shortcut = x if self.convShortcut is None else self.convShortcut(o)
+        return self.conv2(F.relu(self.sparse2(self.bn2(self.conv1(o))), inplace=True)) + shortcut
 
 
 class NetworkBlock(nn.Module):
     def __init__(self, num_layers, in_planes, out_planes, stride):
         super().__init__()
-        self.layer = nn.Sequential(*[BasicBlock(in_planes if i == 0 else out_planes, out_planes,
-                                                stride if i == 0 else 1) for i in range(num_layers)])
+        self.layer = nn.Sequential(*[Block(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
+                                     for i in range(num_layers)])
 
     def forward(self, x):
         return self.layer(x)
 
 
-class WideResNet(RobustNet):
-    """WideResNet (RobustBench names) with a MeanSparse before every ReLU: --arch DEPTH-WIDTH."""
+class ResNet(RobustNet):
+    """What both architectures are: a 3x3 stem convolution of `stem` channels, groups block1, block2, ... of
+    (blocks, width, stride), then BN -> MeanSparse -> ReLU, average pooling and the linear classifier."""
 
-    def __init__(self, depth, widen_factor, num_classes=NUM_CLASSES):
-        super().__init__("wrn", depth=depth, widen_factor=widen_factor, num_classes=num_classes)
-        n, channels = (depth - 4) // 6, [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
-        self.conv1 = nn.Conv2d(3, channels[0], 3, 1, 1, bias=False)
-        self.block1 = NetworkBlock(n, channels[0], channels[1], 1)
-        self.block2 = NetworkBlock(n, channels[1], channels[2], 2)
-        self.block3 = NetworkBlock(n, channels[2], channels[3], 2)
-        self.bn1 = nn.BatchNorm2d(channels[3])
-        self.sparse = MeanSparse(channels[3])
-        self.relu = nn.ReLU(inplace=True)
-        self.fc = nn.Linear(channels[3], num_classes)
+    def __init__(self, name, stem, groups, num_classes, **args):
+        super().__init__(name, **args, num_classes=num_classes)
+        self.conv1 = nn.Conv2d(3, stem, 3, 1, 1, bias=False)
+        widths = [stem] + [width for _, width, _ in groups]
+        self.blocks = [f"block{i}" for i in range(1, len(groups) + 1)]
+        for name, (n, width, stride), in_planes in zip(self.blocks, groups, widths):
+            self.add_module(name, NetworkBlock(n, in_planes, width, stride))
+        width = widths[-1]
+        self.bn1, self.sparse, self.fc = nn.BatchNorm2d(width), MeanSparse(width), nn.Linear(width, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -471,10 +459,21 @@ class WideResNet(RobustNet):
                 nn.init.zeros_(m.bias)
 
     def logits(self, x):
-        out = self.relu(self.sparse(self.bn1(self.block3(self.block2(self.block1(self.conv1(x)))))))
+        out = self.conv1(x)
+        for name in self.blocks:
+            out = getattr(self, name)(out)
+        out = F.relu(self.sparse(self.bn1(out)), inplace=True)
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
+
+class WideResNet(ResNet):
+    """WideResNet (RobustBench names) with a MeanSparse before every ReLU: --arch DEPTH-WIDTH."""
     ARGS = ("depth", "widen_factor", "num_classes")
+
+    def __init__(self, depth, widen_factor, num_classes=NUM_CLASSES):
+        n, w = (depth - 4) // 6, widen_factor
+        super().__init__("wrn", 16, [(n, 16 * w, 1), (n, 32 * w, 2), (n, 64 * w, 2)], num_classes, depth=depth,
+                         widen_factor=widen_factor)
 
     @staticmethod
     def from_text(text):
@@ -494,39 +493,11 @@ class WideResNet(RobustNet):
         return f"WRN-{arch['depth']}-{arch['widen_factor']}"
 
 
-class PreActBlock(nn.Module):
-    """The block of the fast-adversarial-training PreAct ResNet-18, with a MeanSparse before each ReLU."""
-
-    def __init__(self, in_planes, planes, stride):
-        super().__init__()
-        self.bn1, self.sparse1 = nn.BatchNorm2d(in_planes), MeanSparse(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn2, self.sparse2 = nn.BatchNorm2d(planes), MeanSparse(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False) if stride > 1 or in_planes != planes \
-            else None
-
-    def forward(self, x):
-        out = F.relu(self.sparse1(self.bn1(x)))
-        shortcut = x if self.shortcut is None else self.shortcut(out)
-        return self.conv2(F.relu(self.sparse2(self.bn2(self.conv1(out))))) + shortcut
-
-
-class PreActResNet18(RobustNet):
-    """The PreAct ResNet-18 of the fast-adversarial-training literature, a MeanSparse before every ReLU:
-    --arch preact18."""
+class PreActResNet18(ResNet):
+    """The PreAct ResNet-18 of the fast-adversarial-training literature: --arch preact18."""
 
     def __init__(self, num_classes=NUM_CLASSES):
-        super().__init__("preact18", num_classes=num_classes)
-        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        widths = (64, 64, 128, 128, 256, 256, 512, 512)
-        self.layers = nn.Sequential(*[PreActBlock(64 if i == 0 else widths[i - 1], w, 2 if i in (2, 4, 6) else 1)
-                                      for i, w in enumerate(widths)])
-        self.bn, self.sparse, self.fc = nn.BatchNorm2d(512), MeanSparse(512), nn.Linear(512, num_classes)
-
-    def logits(self, x):
-        out = F.relu(self.sparse(self.bn(self.layers(self.conv1(x)))))
-        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+        super().__init__("preact18", 64, [(2, 64, 1), (2, 128, 2), (2, 256, 2), (2, 512, 2)], num_classes)
 
     @staticmethod
     def from_text(text):
@@ -790,8 +761,8 @@ def apgd(model, x, y, *, loss, norm, eps, iters, seed, crafted_at_alpha=None):
         attack = pyautoattack.autopgd_base.APGDAttack_targeted(model, n_target_classes=NUM_CLASSES - 1, **common)
     else:
         attack = pyautoattack.autopgd_base.APGDAttack(model, loss=loss, **common)
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), bpda(model), \
-            alpha_set_to(model, crafted_at_alpha) if crafted_at_alpha is not None else contextlib.nullcontext():
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), \
+            meansparse_as(model, "bpda", crafted_at_alpha):
         return attack.perturb(x, y).detach()
 
 
@@ -897,8 +868,7 @@ class PGDAttack(Attack):
     def batch(self, x, y, start):
         s, craft = self.settings, self.settings["crafted_at_alpha"]
         generator = torch.Generator(x.device).manual_seed(self.opts.seed * 1_000_003 + start)
-        with bpda(self.model) if s["bpda"] else contextlib.nullcontext(), \
-                alpha_set_to(self.model, craft) if craft is not None else contextlib.nullcontext():
+        with meansparse_as(self.model, "bpda" if s["bpda"] else None, craft):
             x_adv = pgd(self.model, x, y, norm=s["norm"], eps=s["eps"], step_size=s["step_size"], steps=s["steps"],
                         restarts=s["restarts"], generator=generator)
         return correct(self.model, x_adv, y), {}
@@ -1624,7 +1594,7 @@ def collect_statistics(model, batches):
     was_training = model.training
     model.eval()
     try:
-        with alpha_set_to(model, 0.0):
+        with meansparse_as(model, alpha=0.0):
             for x, _ in progress(batches, "MeanSparse statistics"):
                 model(x)
     finally:
@@ -1719,7 +1689,7 @@ def calibrate(model, stats_batches, val_batches, alphas, opts, *, criterion="ada
     columns = {k: name for k, name in SWEEP.items() if k != "adaptive" or criterion == "adaptive"}
     sweep, base = [], None
     for alpha in sorted(set(alphas) | {0.0}):
-        with alpha_set_to(model, alpha):
+        with meansparse_as(model, alpha=alpha):
             rows = {k: record.row(f"alpha {alpha:g} {name}", ATTACKS[name](model, opts), val_batches, log)
                     for k, name in columns.items()}
         sweep.append(_sweep_row(alpha, rows, base))

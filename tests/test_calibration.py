@@ -140,7 +140,7 @@ def test_calibrate_returns_a_grid_alpha_and_sets_it(tiny_trained, train_set, val
         assert sweep[0]["gain"] == 0.0
         assert sweep[1]["gain"] == pytest.approx(sweep[1]["adaptive"] - sweep[0]["adaptive"])
     # the clean accuracy of alpha 0 is the model's plain accuracy
-    with M.alpha_set_to(net, 0.0):
+    with M.meansparse_as(net, alpha=0.0):
         assert sweep[0]["clean"] == M.accuracy(net, val, "natural", _opts(), verbose=False)
 
 

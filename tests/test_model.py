@@ -192,13 +192,13 @@ def test_bypassed_makes_meansparse_the_identity():
     assert torch.equal(bypass, reference)
 
 
-def test_set_get_alpha_and_alpha_set_to():
+def test_set_get_alpha_and_meansparse_as():
     net = M.WideResNet(10, 1)
     assert M.get_alpha(net) == 0.0
     M.set_alpha(net, 0.35)
     assert M.get_alpha(net) == 0.35                         # the float32 buffer reads back rounded
     assert all(float(m.alpha) == pytest.approx(0.35) for m in M.meansparse_modules(net))
-    with M.alpha_set_to(net, 0.0):
+    with M.meansparse_as(net, alpha=0.0):
         assert M.get_alpha(net) == 0.0
     assert M.get_alpha(net) == 0.35
     assert M.get_alpha(nn.Linear(2, 2)) == 0.0
