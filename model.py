@@ -642,7 +642,9 @@ def load_model(path, device="cpu"):
 
 
 def read_json(path):
-    """The JSON value in `path`, or None where it cannot be read or parsed."""
+    """The JSON value in `path`, or None where there is no such file or it cannot be read or parsed."""
+    if not path or not os.path.isfile(path):
+        return None
     try:
         with open(path) as f:
             return json.load(f)
@@ -1003,7 +1005,7 @@ class Report:
         """The report at `path`, continued if its file was made with the same `key` fields of `header` (the
         same model, images and seed), else new: a file of other settings is kept as .prev. `required`
         (--resume): there must be one to continue."""
-        saved = read_json(path) if path and os.path.isfile(path) else None
+        saved = read_json(path)
         differ = [k for k in key if not isinstance(saved, dict) or saved.get(k) != header[k]]
         if not differ and isinstance(saved.get("results"), dict):
             log(f"continuing {path}: {', '.join(saved['results']) or 'nothing finished yet'}")
@@ -1117,6 +1119,8 @@ class TrainConfig:
     val_every: int = option(5, "epochs between validation checks", type=positive_int, metavar="EPOCHS")
     n_train: int = option(None, "the first N training images, for training and statistics: a smoke run",
                           type=positive_int, group="data", shown="all", metavar="N")
+    n_val: int = option(None, "the first N validation images for the checks during training: a smoke run",
+                        type=positive_int, group="data", shown="all", metavar="N")
     seed: int = option(0, "initial weights, data order, attack random starts", type=integer, group="data")
     compile: bool = option(False, "torch.compile the model for training", type=bool)
 
@@ -1289,8 +1293,20 @@ def budget_epochs(cfg, epoch, per_epoch, spent, val_seconds, device, world_size)
     return total
 
 
-CHECKPOINT_KEYS = ("epoch", "total_epochs", "config", "model", "optimizer", "ema", "ema_updates", "rng",
-                   "history", "elapsed", "best", "best_state")
+@dataclasses.dataclass
+class TrainState:
+    """What a training run carries from epoch to epoch; its checkpoint adds the model, optimizer, EMA and
+    random states. `best` describes the best weights the APGD checks have seen, `best_state` holds them."""
+    total_epochs: int = None
+    epoch: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    elapsed: float = 0.0
+    best: dict = None
+    best_state: dict = None
+
+
+CHECKPOINT_KEYS = ("config", "model", "optimizer", "ema", "ema_updates", "rng",
+                   *(f.name for f in dataclasses.fields(TrainState)))
 
 
 def save_checkpoint(checkpoint, path):
@@ -1325,18 +1341,6 @@ def _duration(seconds):
     return f"{seconds / 3600:.1f} h"
 
 
-@dataclasses.dataclass
-class TrainState:
-    """What a training run carries from epoch to epoch (its checkpoint adds the model, optimizer, EMA and
-    random states). `best` describes the best weights the APGD checks have seen, `best_state` holds them."""
-    total_epochs: int = None
-    epoch: int = 0
-    history: list = dataclasses.field(default_factory=list)
-    elapsed: float = 0.0
-    best: dict = None
-    best_state: dict = None
-
-
 class Trainer:
     """One adversarial training run of `model` (in place): its objects, its loop, its checkpoint. Under
     torchrun every rank has one; rank 0 alone logs, validates, selects and writes the checkpoint."""
@@ -1361,6 +1365,7 @@ class Trainer:
         if len(self.batches) == 0:
             raise UserError(f"{len(labels)} training images make no batch of {cfg.batch_size}; "
                             f"lower --batch-size or raise --n-train")
+        val_set = tuple(t[:cfg.n_val] for t in val_set)
         if self.master:     # rank 0 alone validates: the validation split and the APGD check's first images
             self.val_batches = Batches(*val_set, cfg.batch_size, device=self.device, channels_last=channels_last)
             self.select_batches = Batches(*(t[:cfg.select_n] for t in val_set), cfg.batch_size, device=self.device,
@@ -1372,14 +1377,11 @@ class Trainer:
         self.state = TrainState(total_epochs=None if cfg.time_budget else cfg.epochs)
 
     def checkpoint(self):
-        s = self.state
-        return {"epoch": s.epoch, "total_epochs": s.total_epochs, "config": dataclasses.asdict(self.cfg),
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "ema": self.ema.model.state_dict() if self.ema else None,
+        return {**vars(self.state), "config": dataclasses.asdict(self.cfg), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "ema": self.ema.model.state_dict() if self.ema else None,
                 "ema_updates": self.ema.updates if self.ema else 0,
                 "rng": {"data": self.data_gen.get_state(), "noise": self.noise_gen.get_state(),
-                        "torch": torch.get_rng_state()},
-                "history": s.history, "elapsed": s.elapsed, "best": s.best, "best_state": s.best_state}
+                        "torch": torch.get_rng_state()}}
 
     def restore(self):
         """Continue from the checkpoint, after checking that it was made with these settings."""
@@ -1400,8 +1402,8 @@ class Trainer:
             for generator, key in ((self.data_gen, "data"), (self.noise_gen, "noise")):
                 generator.set_state(ckpt["rng"][key])
             torch.set_rng_state(ckpt["rng"]["torch"])
-            self.state = TrainState(ckpt["total_epochs"], int(ckpt["epoch"]), list(ckpt["history"]),
-                                    float(ckpt["elapsed"]), ckpt["best"], ckpt["best_state"])
+            self.state = TrainState(**{f.name: ckpt[f.name] for f in dataclasses.fields(TrainState)})
+            self.state.epoch, self.state.elapsed = int(self.state.epoch), float(self.state.elapsed)
         except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
             first = (str(e).strip().splitlines() or [""])[0][:200]
             raise UserError(f"{path}: does not fit this run ({e.__class__.__name__}: {first}); "
@@ -2051,6 +2053,8 @@ def flag_warnings(args, state):
             f"split has {SPLIT_SIZES[args.split]:,} images; using all of them"),
            (args.arch is not None and not state.train, f"--arch {args.arch} is ignored: this run does not train, "
             f"and {args.model_file} brings its own architecture"),
+           (args.n_val is not None and not state.train, "--n-val is ignored: this run does not train (--n-eval "
+            "chooses the images of calibration and evaluation)"),
            (state.train and not args.force_train, f"{args.model_file} does not exist, so this run TRAINS a new model "
             f"from scratch, as if --force-train were given (an estimate of its length follows after the first "
             f"steps); Ctrl-C now if the path is misspelt"),
@@ -2125,6 +2129,7 @@ def write_lock(target, flag="--model-file"):
 def _check_committed_model(args, state):
     """The file Net() loads is written only by a full-size run of Net's architecture, or when named."""
     smoke = [flag for flag, given in (("--n-train", state.cfg.n_train is not None),
+                                      ("--n-val", state.train and state.cfg.n_val is not None),
                                       ("--n-eval", args.calibrate and args.n_eval is not None),
                                       ("--steps", args.calibrate and args.steps < EVAL_STEPS),
                                       ("--apgd-iters", args.calibrate and args.apgd_iters < APGD_ITERS)) if given]
@@ -2153,7 +2158,7 @@ def prepare_outputs(args, state, locks):
             if _same_file(path, other):
                 raise UserError(f"{flag} {path} is the same file as {other_flag} {other}; writing it would "
                                 f"destroy that one: give another name")
-    report = read_json(args.report) if args.report and os.path.isfile(args.report) else {"results": {}}
+    report = read_json(args.report) if args.report and os.path.exists(args.report) else {"results": {}}
     if not (isinstance(report, dict) and isinstance(report.get("results"), dict)):
         raise UserError(f"--report {args.report}: exists and is not a report of model.py; give another name")
     if args.plot and os.path.isfile(args.plot):
@@ -2293,7 +2298,7 @@ def evaluate_model(model, args, state, data, report, log):
 def open_report(args, state, model, log):
     """The evaluation's report, continued from --report's file when that was made with the same model file,
     split, images, seed and alpha (then with its batch size, unless --eval-batch-size says otherwise)."""
-    saved = read_json(args.report) if args.report and os.path.isfile(args.report) else None
+    saved = read_json(args.report)
     batch_size = args.eval_batch_size or isinstance(saved, dict) and saved.get("eval_batch_size") or (
         GPU_EVAL_BATCH if state.device.type == "cuda" else CPU_BATCH)
     header = {"model_file": args.model_file, "model_sha256": file_sha256(args.model_file), "split": args.split,
@@ -2313,7 +2318,7 @@ def execute(args, state):
     state.opts = dataclasses.replace(state.opts, log=log)
     data = functools.lru_cache(maxsize=None)(functools.partial(load_cifar10, resolve_data_dir(args.data_dir)))
     batch_size = args.eval_batch_size or (GPU_EVAL_BATCH if state.device.type == "cuda" else CPU_BATCH)
-    rows = read_json(args.report)["results"] if args.report and os.path.isfile(args.report) else None
+    rows = (read_json(args.report) or {}).get("results")
     if state.device.type == "cpu" and (note := apgd_cost_note(args, state, Report(None, {}, rows))):
         log(note)
     model = train_model(args, state, data, log) if state.train else load_model(args.model_file, state.device)

@@ -6,6 +6,7 @@ hundred images; only a few end-to-end tests touch the committed WRN-28-4.
 import fcntl
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -149,3 +150,26 @@ def run_python(data_dir):
         return subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, env=subprocess_env(data_dir, threads),
                               capture_output=True, text=True, timeout=timeout)
     return run
+
+
+@pytest.fixture
+def cli(committed_model_file, data_dir, monkeypatch, capsys):
+    """cli(*argv) -> (exit status, stdout, stderr lines without progress bars); checks after each call that
+    the committed model is byte-identical."""
+    monkeypatch.setenv("CIFAR10_DIR", str(data_dir))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, "argv", ["model.py"])
+    monkeypatch.setattr(M, "VAL_PGD_STEPS", 1)     # these runs are about files and messages: a cheap validation
+    handler = signal.getsignal(signal.SIGTERM)
+    before = _sha256(committed_model_file)
+
+    def run(*argv):
+        status = M.main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        lines = [line.split("\r")[-1].strip() for line in err.splitlines()]
+        assert _sha256(committed_model_file) == before
+        return status, out, [line for line in lines if line]
+
+    yield run
+    signal.signal(signal.SIGTERM, handler)

@@ -5,7 +5,6 @@ In process (M.main) for speed: these runs stop before any real work, or do very 
 import hashlib
 import json
 import shutil
-import signal
 import sys
 
 import pytest
@@ -13,35 +12,12 @@ import torch
 
 import model as M
 
-TINY_TRAIN = ["--force-train", "--arch", "10-1", "--n-train", "256", "--batch-size", "64", "--device", "cpu",
-              "-e", "1", "--train-steps", "1"]
+TINY_TRAIN = ["--force-train", "--arch", "10-1", "--n-train", "256", "--n-val", "64", "--batch-size", "64",
+              "--device", "cpu", "-e", "1", "--train-steps", "1"]
 
 
 def _sha256(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture
-def cli(committed_model_file, data_dir, monkeypatch, capsys):
-    """cli(*argv) -> (exit status, stdout, stderr lines without progress bars); checks after each call that
-    the committed model is byte-identical."""
-    monkeypatch.setenv("CIFAR10_DIR", str(data_dir))
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(sys, "argv", ["model.py"])
-    monkeypatch.setattr(M, "VAL_PGD_STEPS", 1)     # these runs are about files and messages: a cheap validation
-    handler = signal.getsignal(signal.SIGTERM)
-    before = _sha256(committed_model_file)
-
-    def run(*argv):
-        status = M.main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        lines = [line.split("\r")[-1].strip() for line in err.splitlines()]
-        assert _sha256(committed_model_file) == before
-        return status, out, [line for line in lines if line]
-
-    yield run
-    signal.signal(signal.SIGTERM, handler)
 
 
 @pytest.fixture
@@ -123,6 +99,7 @@ def test_a_smoke_run_cannot_replace_the_committed_model(cli, no_work):
     status, _, err = cli(*TINY_TRAIN[:-4], "--model-file", M.Net.model_file)      # --arch 10-1, explicit file
     _one_error(status, err, "--arch 10-1: models/default_model.pth is the file Net() loads")
     for argv, flag in ((["--calibrate", "--n-train", "256"], "--n-train"),
+                       (["--force-train", "--n-val", "64"], "--n-val"),
                        (["--calibrate", "--reuse-statistics", "--n-eval", "4", "--steps", "1"], "--n-eval"),
                        (["--calibrate", "--reuse-statistics", "--steps", "1"], "--steps"),
                        (["--calibrate", "--reuse-statistics", "--apgd-iters", "5"], "--apgd-iters")):
@@ -179,6 +156,8 @@ def test_settings_that_do_nothing_warn(cli, tmp_path, no_work):
     assert any(w.startswith("warning: --eps-l2 0: the l2 rows perturb nothing") for w in warnings(
         "--model-file", tmp_path / "x.pth", "--eval", "pgd-l2", "--eps-l2", "0"))
     assert warnings("--model-file", M.Net.model_file, "--eval", "pgd-linf", "--eps-l2", "0") == []
+    assert "warning: --n-val is ignored: this run does not train (--n-eval chooses the images of calibration " \
+           "and evaluation)" in warnings("--model-file", M.Net.model_file, "--n-val", "64")
 
 
 @pytest.mark.parametrize("env, fragment", [({"WORLD_SIZE": "abc"}, "WORLD_SIZE=abc: not integers"),

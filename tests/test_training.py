@@ -209,7 +209,8 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(small_sets, tmp
     of step eps, eps ramp, AWP after a warm-up, a late EMA and weights chosen by the APGD check."""
     train_set, val_set = small_sets
     cfg = _cfg(epochs=3, val_every=1, trades=6.0, attack_steps=2, attack_step_size=M.NORMS["linf"].eps, eps_ramp=0.5,
-               awp=5e-3, awp_warmup=0.5, ema=0.9, ema_start=0.4, select_from=0.3, select_n=16, select_iters=2)
+               awp=5e-3, awp_warmup=0.5, ema=0.9, ema_start=0.4, select_from=0.3, select_n=16, select_iters=2,
+               n_train=128, batch_size=64)
 
     reference, ref_info = M.train(_net(0), train_set, val_set, cfg, device="cpu",
                                   checkpoint_path=str(tmp_path / "ref.ckpt"), log=_quiet)
@@ -435,7 +436,8 @@ def test_ddp_two_cpu_ranks_train_identical_weights(repo_root, data_dir, tmp_path
     result = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                          str(repo_root / "model.py"), "--force-train", "-e", "1", "--arch", "10-1",
                          "--n-train", "256", "--batch-size", "64", "--device", "cpu", "--model-file", str(out),
-                         "--data-dir", str(data_dir), "--n-eval", "16", "--trades", "6", "--awp", "5e-3",
+                         "--data-dir", str(data_dir), "--n-eval", "16", "--n-val", "64",
+                         "--trades", "6", "--awp", "5e-3",
                          "--eps-ramp", "0.5", "--ema", "0.9", "--ema-start", "0.5", "--select-from", "0",
                          "--select-n", "16"], cwd=repo_root, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
