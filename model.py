@@ -1802,13 +1802,12 @@ def plot_sweep(ax, calibration):
 
 
 def plot_curves(ax, curves, norm):
-    """Accuracy against eps of one norm, plain and BPDA PGD."""
-    for kind, style in (("pgd", "-o"), ("bpda", "--s")):
-        c = curves[f"{kind}-{norm}"]
-        xs = [e * 255 for e in c["eps"]] if norm == "linf" else c["eps"]
-        ax.plot(xs, c["accuracy"], style, markersize=3, label="plain PGD" if kind == "pgd" else "BPDA PGD")
-    ax.set(xlabel="eps (x/255)" if norm == "linf" else f"eps ({norm})", ylabel="accuracy (%)",
-           title=f"accuracy against eps, {norm}")
+    """Accuracy against eps of one norm, plain and BPDA PGD, the radii written as the norm writes them."""
+    for kind, style, label in (("pgd", "-o", "plain PGD"), ("bpda", "--s", "BPDA PGD")):
+        ax.plot(curves[f"{kind}-{norm}"]["eps"], curves[f"{kind}-{norm}"]["accuracy"], style, markersize=3, label=label)
+    eps = curves[f"pgd-{norm}"]["eps"]
+    ax.set_xticks(eps, [NORMS[norm].show(e) for e in eps], fontsize=7)
+    ax.set(xlabel=f"eps ({norm})", ylabel="accuracy (%)", title=f"accuracy against eps, {norm}")
 
 
 def plot_report(report, path, title):
@@ -1925,11 +1924,12 @@ def _add_config_flags(groups):
 
 
 def parse_args(argv=None):
-    linf, l2 = NORMS["linf"].cpu_seconds, NORMS["l2"].cpu_seconds
+    seconds = " and ".join(f"{n.cpu_seconds:g} s ({name})" for name, n in NORMS.items())
+    hours = " and ".join(f"{n.cpu_seconds * 1000 / 3600:.1f}" for n in NORMS.values())
     p = _Parser(description="Train and honestly evaluate robust CIFAR-10 networks with MeanSparse.",
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES + (
-                    f"apgd-* and aa-* rows cost about {linf:g} s (L-inf) and {l2:g} s (L2) per image on a 2-core CPU: "
-                    f"{linf * 1000 / 3600:.1f} and {l2 * 1000 / 3600:.1f} hours per 1,000 images, a GPU job."))
+                    f"apgd-* and aa-* rows cost about {seconds} per image on a 2-core CPU: {hours} hours per "
+                    f"1,000 images, a GPU job."))
     p.add_argument("--model-file", help=f"model file to test, train or calibrate (default {Net.model_file}, "
                                         f"the committed model that Net() loads)")
     p.add_argument("-f", "--force-train", action="store_true", help="train even if the model file exists")
