@@ -1354,17 +1354,12 @@ class Trainer:
         if channels_last:
             torch.backends.cudnn.benchmark = True
             model.to(memory_format=torch.channels_last)
-        if cfg.batch_size % self.world_size:
-            raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {self.world_size} processes")
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.noise_gen = torch.Generator(self.device).manual_seed(cfg.seed + 1 + self.rank)
         images, labels = (t[:cfg.n_train] for t in train_set)
         self.batches = Batches(images, labels, cfg.batch_size // self.world_size, device=self.device, train=True,
                                generator=self.data_gen, rank=self.rank, world_size=self.world_size,
                                channels_last=channels_last)
-        if len(self.batches) == 0:
-            raise UserError(f"{len(labels)} training images make no batch of {cfg.batch_size}; "
-                            f"lower --batch-size or raise --n-train")
         val_set = tuple(t[:cfg.n_val] for t in val_set)
         if self.master:     # rank 0 alone validates: the validation split and the APGD check's first images
             self.val_batches = Batches(*val_set, cfg.batch_size, device=self.device, channels_last=channels_last)
@@ -2032,7 +2027,12 @@ def check_flags(args, state):
             (state.train and args.alpha and not args.calibrate,
              "--alpha needs MeanSparse statistics, which a newly trained model gets only with --calibrate"),
             (args.reuse_statistics and state.train,
-             f"--reuse-statistics: {args.model_file} does not exist, so it has no statistics to reuse")]:
+             f"--reuse-statistics: {args.model_file} does not exist, so it has no statistics to reuse"),
+            (state.train and state.cfg.batch_size % state.world_size,
+             f"--batch-size {state.cfg.batch_size} must be divisible by the {state.world_size} processes"),
+            (state.train and images_of("train", state.cfg.n_train) < state.cfg.batch_size,
+             f"{images_of('train', state.cfg.n_train)} training images make no batch of {state.cfg.batch_size}; "
+             f"lower --batch-size or raise --n-train")]:
         if bad:
             raise UserError(message)
     for name in args.eval + (["apgd-linf"] if args.calibrate and args.alpha_criterion == "adaptive" else []):

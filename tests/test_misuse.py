@@ -160,6 +160,19 @@ def test_settings_that_do_nothing_warn(cli, tmp_path, no_work):
            "and evaluation)" in warnings("--model-file", M.Net.model_file, "--n-val", "64")
 
 
+def test_a_training_batch_that_cannot_be_filled_is_refused_before_anything_is_written(cli, tmp_path, monkeypatch,
+                                                                                      no_work):
+    target = tmp_path / "new" / "x.pth"
+    _one_error(*cli(*TINY_TRAIN, "--n-train", "32", "--model-file", target)[::2],
+               "32 training images make no batch of 64; lower --batch-size or raise --n-train")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    _one_error(*cli(*TINY_TRAIN, "--batch-size", "63", "--model-file", target)[::2],
+               "--batch-size 63 must be divisible by the 2 processes")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("env, fragment", [({"WORLD_SIZE": "abc"}, "WORLD_SIZE=abc: not integers"),
                                            ({"WORLD_SIZE": "2", "RANK": "1"}, "without torchrun's other settings")])
 def test_a_torchrun_environment_without_torchrun_is_one_line(cli, tiny_copy, monkeypatch, env, fragment, no_work):
@@ -193,7 +206,8 @@ def test_a_missing_model_file_trains_only_after_a_loud_warning(cli, tmp_path, mo
         raise M.UserError("stopped by the test")
 
     monkeypatch.setattr(M, "load_cifar10", stop)
-    status, _, err = cli("--model-file", tmp_path / "mispelt.pth", "--n-train", "256", "--arch", "10-1")
+    status, _, err = cli("--model-file", tmp_path / "mispelt.pth", "--n-train", "256", "--batch-size", "64",
+                         "--arch", "10-1")
     assert status == 2
     assert err[0].startswith(f"warning: {tmp_path / 'mispelt.pth'} does not exist, so this run TRAINS a new model")
 

@@ -272,13 +272,6 @@ def test_resume_with_other_settings_or_no_checkpoint_is_a_user_error(small_sets,
     assert "lr" in str(info.value) and str(ckpt) in str(info.value)
 
 
-def test_too_few_images_for_one_batch_is_a_user_error(small_sets, tmp_path):
-    train_set, val_set = small_sets
-    with pytest.raises(M.UserError, match="batch"):
-        M.train(_net(), train_set, val_set, _cfg(n_train=100), device="cpu",
-                checkpoint_path=str(tmp_path / "m.ckpt"), log=_quiet)
-
-
 def _budget_minutes(small_sets, tmp_path, factor, **kw):
     """`factor` times what two fixed epochs of this configuration, with their final check, take on this
     machine now. A budget run does at least two epochs and checks after the first and the last, so a fixed
