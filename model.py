@@ -2016,6 +2016,7 @@ def plan(args, argv):
 
 def check_flags(args, state):
     """Combinations of flags that cannot work, as a UserError before any file is read."""
+    cfg, n_train = state.cfg, images_of("train", state.cfg.n_train)
     for bad, message in [
             (state.world_size > 1 and not args.force_train,
              "torchrun is for training: add --force-train (evaluation runs in one process)"),
@@ -2028,16 +2029,15 @@ def check_flags(args, state):
              "--alpha needs MeanSparse statistics, which a newly trained model gets only with --calibrate"),
             (args.reuse_statistics and state.train,
              f"--reuse-statistics: {args.model_file} does not exist, so it has no statistics to reuse"),
-            (state.train and state.cfg.batch_size % state.world_size,
-             f"--batch-size {state.cfg.batch_size} must be divisible by the {state.world_size} processes"),
-            (state.train and images_of("train", state.cfg.n_train) < state.cfg.batch_size,
-             f"{images_of('train', state.cfg.n_train)} training images make no batch of {state.cfg.batch_size}; "
-             f"lower --batch-size or raise --n-train")]:
+            (state.train and cfg.batch_size % state.world_size,
+             f"--batch-size {cfg.batch_size} must be divisible by the {state.world_size} processes"),
+            (state.train and n_train < cfg.batch_size,
+             f"{n_train} training images make no batch of {cfg.batch_size}; lower --batch-size or raise --n-train")]:
         if bad:
             raise UserError(message)
     for name in args.eval + (["apgd-linf"] if args.calibrate and args.alpha_criterion == "adaptive" else []):
         ATTACKS[name](None, state.opts)         # an attack that needs pyautoattack says so now
-    if state.train and state.cfg.select_from is not None:
+    if state.train and cfg.select_from is not None:
         import_pyautoattack()
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise UserError("--plot needs matplotlib: pip install matplotlib (or drop --plot; --report keeps the numbers)")
