@@ -24,6 +24,7 @@ import importlib.util
 import json
 import logging
 import math
+import multiprocessing
 import os
 import pickle
 import shutil
@@ -56,8 +57,9 @@ APGD_ITERS = 100                            # APGD iterations of the adaptive ev
 ALPHA_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4)
 CLEAN_DROP_LIMIT = 0.5                      # points of clean accuracy an alpha may cost (calibration)
 SIGNIFICANCE = 2.0                          # standard errors by which an alpha > 0 must beat alpha 0 (adaptive)
-SANITY_EPS_LINF = tuple(e / 255 for e in (0, 4, 8, 16, 32, 64))     # the last one must break every image
-SANITY_STEPS_FACTOR = 5
+SQUARE_QUERIES = 1000                       # queries of the square-* rows and the gradient-free check
+QUICK_CHECK_IMAGES = 16                     # images of the checks that attack nothing (first evaluation batch)
+PROJECT_TIMEOUT = 3600                      # seconds a --project may run before it is stopped
 STEADY_STEP = 5                             # training steps before timing (cudnn autotuning, compilation)
 SELECT_IMAGES = 512                         # validation images of each weight-selection APGD check
 SELECT_ITERS = 50                           # APGD iterations of each of its two attacks
@@ -240,6 +242,25 @@ def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+@contextlib.contextmanager
+def true_float32():
+    """TF32 off for CUDA's matrix products and convolutions inside the block (torch allows it in convolutions
+    by default), as it was after it: evaluation, calibration and MeanSparse statistics are float32 on every
+    device, so that a GPU report and a CPU report of the same images can be paired. Training keeps TF32."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def precision(device):
+    """The arithmetic of float32 work on `device` now: what a report records."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+    return "tf32" if torch.device(device).type == "cuda" and tf32 else "float32"
+
+
 def progress(iterable, desc, disable=False):
     """A progress bar over `iterable` (tqdm, imported here: the model itself needs torch alone)."""
     from tqdm import tqdm
@@ -286,8 +307,15 @@ class MeanSparse(nn.Module):
         return out
 
 
+def is_meansparse(module):
+    """This tool's MeanSparse, also as another copy of this file defines it (a --project made with this tool):
+    such a model gets BPDA exactly as one loaded from its model file."""
+    return isinstance(module, MeanSparse) or type(module).__name__ == "MeanSparse" and all(
+        hasattr(module, a) for a in ("mode", "alpha", "mean", "std", "masked"))
+
+
 def meansparse_modules(model):
-    return [m for m in model.modules() if isinstance(m, MeanSparse)]
+    return [m for m in model.modules() if is_meansparse(m)]
 
 
 @contextlib.contextmanager
@@ -657,6 +685,43 @@ def file_sha256(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def weights_fingerprint(model):
+    """sha256 of every parameter and buffer of `model` but the MeanSparse thresholds (alpha): the same
+    weights and statistics give the same fingerprint, whatever the memory layout."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if not name.endswith(".alpha") and isinstance(t, torch.Tensor):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_project(directory, device):
+    """(model, fingerprint) of a project folder, loaded the grading platform's way: the folder first on
+    sys.path, its model.py imported by path as `model`, Net() moved to `device`, then
+    load_for_testing(project_dir=the folder). No eval() and no layout change: it is measured as the platform
+    finds it. This runs the project's own code, as the platform does. The fingerprint (sha256 of model.py
+    and of the weights but MeanSparse's alpha) is what a report of the project is continued by."""
+    path = os.path.join(directory, "model.py")
+    if not os.path.isfile(path):
+        raise UserError(f"{directory}: no model.py there")
+    sys.path.insert(0, os.path.abspath(directory))
+    spec = importlib.util.spec_from_file_location("model", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["model"] = module        # the name the platform imports it under
+    spec.loader.exec_module(module)
+    if not isinstance(getattr(module, "Net", None), type):
+        raise UserError(f"{path}: defines no class Net")
+    net = module.Net().to(device)
+    net.load_for_testing(project_dir=os.path.join(directory, ""))   # the platform keeps the net it built
+    fingerprint = hashlib.sha256((file_sha256(path) + weights_fingerprint(net)).encode()).hexdigest()
+    with torch.no_grad():
+        shape = tuple(net(torch.zeros(2, 3, 32, 32, device=device)).shape)
+    if shape != (2, NUM_CLASSES):
+        raise UserError(f"{path}: Net maps 2 images to an output of shape {shape}, not (2, {NUM_CLASSES})")
+    return net, fingerprint
+
+
 # ----------------------------------------------------------------------------------------------------
 # Attacks
 # ----------------------------------------------------------------------------------------------------
@@ -715,12 +780,13 @@ def _keep_worst(model, x, y, delta, best):
 
 
 def pgd(model, x, y, *, norm, eps, step_size, steps, restarts=1, random_start=True, generator=None,
-        loss_fn=cross_entropy_sum):
+        loss_fn=cross_entropy_sum, eot=1):
     """Projected gradient ascent of loss_fn(model(x_adv), y) in the `norm` ball of radius `eps` around x.
 
     Returns detached x_adv in the ball and in [0,1]. With restarts, keeps per example the worst case
     (misclassified beats correct, then higher loss). The model's mode and its weights' .grad are left as
-    found; `generator` (on x's device) drives the random start.
+    found; `generator` (on x's device) drives the random start. `eot`: each step's gradient is the mean
+    over that many forward passes (expectation over transformation, for a randomised model).
     """
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}: use one of {', '.join(NORMS)}")
@@ -734,7 +800,7 @@ def pgd(model, x, y, *, norm, eps, step_size, steps, restarts=1, random_start=Tr
         delta = (x + delta).clamp(0, 1) - x
         for _ in range(steps):
             delta.requires_grad_(True)
-            grad, = torch.autograd.grad(loss_fn(model(x + delta), y), delta)
+            grad = sum(torch.autograd.grad(loss_fn(model(x + delta), y), delta)[0] for _ in range(eot)) / eot
             delta = ball.project(delta.detach() + step_size * ball.ascent(grad), eps)
             delta = (x + delta).clamp(0, 1) - x
         if restarts == 1:
@@ -747,25 +813,34 @@ def import_pyautoattack():
     try:
         import pyautoattack
         import pyautoattack.autopgd_base
+        import pyautoattack.checks
+        import pyautoattack.square
     except ImportError:
         raise UserError("APGD and AutoAttack need the official code: pip install pyautoattack") from None
     return pyautoattack
 
 
-def apgd(model, x, y, *, loss, norm, eps, iters, seed, crafted_at_alpha=None):
-    """x_adv of one run of the official APGD (pyautoattack, one restart): loss "ce" or "dlr" untargeted, or
-    "targeted" (DLR against each of the nine most likely wrong classes in turn). Every MeanSparse is under
-    BPDA, at threshold `crafted_at_alpha` if given (a transfer attack). The global RNG, which APGD seeds,
-    is left as found."""
+def apgd(model, x, y, *, loss, norm, eps, iters, seed, crafted_at_alpha=None, eot=1):
+    """The images to judge after one run of the official APGD (pyautoattack, one restart, gradients averaged
+    over `eot` passes): loss "ce" or "dlr" untargeted, or "targeted" (DLR against each of the nine most likely
+    wrong classes in turn). Every MeanSparse is under BPDA, at threshold `crafted_at_alpha` if given: then a
+    transfer attack, whose highest-loss iterate is judged too (an image that did not fool the model it was
+    crafted on may fool the one judged). The global RNG, which APGD seeds, is left as found."""
     pyautoattack = import_pyautoattack()
-    common = dict(n_iter=iters, norm=NORMS[norm].autoattack, n_restarts=1, eps=eps, seed=seed, device=x.device)
+    common = dict(n_iter=iters, norm=NORMS[norm].autoattack, n_restarts=1, eps=eps, seed=seed, device=x.device,
+                  eot_iter=eot)
     if loss == "targeted":
         attack = pyautoattack.autopgd_base.APGDAttack_targeted(model, n_target_classes=NUM_CLASSES - 1, **common)
     else:
         attack = pyautoattack.autopgd_base.APGDAttack(model, loss=loss, **common)
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), \
             meansparse_as(model, "bpda", crafted_at_alpha):
-        return attack.perturb(x, y).detach()
+        if crafted_at_alpha is None:
+            return [attack.perturb(x, y).detach()]
+        attack.init_hyperparam(x)       # what perturb does before its one run, which keeps only x_best_adv
+        torch.manual_seed(seed)
+        x_best, _, _, x_best_adv = attack.attack_single_run(x.detach().float(), y)
+        return [x_best_adv.detach(), x_best.detach()]
 
 
 # name -> (APGD loss, alpha it is crafted at: None for the model's own)
@@ -798,7 +873,7 @@ def per_image_bools(record):
     return torch.tensor([c == "1" for c in record], dtype=torch.bool)
 
 
-def apgd_batch(model, x, y, components, *, norm, eps, iters, seed):
+def apgd_batch(model, x, y, components, *, norm, eps, iters, seed, eot=1):
     """Per image of a batch: is it still correct after every one of `components` (APGD_COMPONENTS)? Returns
     (bools, counts): the clean count, and per component the images it left correct, attacked and broke,
     and its seconds. A cascaded component (APGD-T, as in AutoAttack) attacks only the images the others left:
@@ -810,9 +885,9 @@ def apgd_batch(model, x, y, components, *, norm, eps, iters, seed):
         idx = (alive if name in CASCADED else torch.ones_like(alive)).nonzero().flatten()
         survived = torch.zeros_like(alive)
         if len(idx):
-            x_adv = apgd(model, x[idx], y[idx], loss=loss, norm=norm, eps=eps, iters=iters, seed=seed,
-                         crafted_at_alpha=alpha)
-            survived[idx] = correct(model, x_adv, y[idx])
+            judged = apgd(model, x[idx], y[idx], loss=loss, norm=norm, eps=eps, iters=iters, seed=seed,
+                          crafted_at_alpha=alpha, eot=eot)
+            survived[idx] = torch.stack([correct(model, x_adv, y[idx]) for x_adv in judged]).all(0)
         counts["components"][name] = {"correct": int(survived.sum()), "attacked": len(idx),
                                       "broke": int((alive & ~survived).sum()), "seconds": time.perf_counter() - t0}
         alive = alive & survived
@@ -822,12 +897,15 @@ def apgd_batch(model, x, y, components, *, norm, eps, iters, seed):
 @dataclasses.dataclass(frozen=True)
 class AttackOptions:
     """What the attacks read: radius and PGD step per norm (no step: eps / 4), PGD steps and restarts, APGD
-    iterations, the seed of the random starts, and where AutoAttack's progress lines go."""
+    iterations, the forward passes each gradient averages (EOT), Square's queries, the seed of the random
+    starts, and where AutoAttack's progress lines go."""
     eps: dict = dataclasses.field(default_factory=lambda: {name: norm.eps for name, norm in NORMS.items()})
     step: dict = dataclasses.field(default_factory=dict)
     steps: int = EVAL_STEPS
     restarts: int = 1
     apgd_iters: int = APGD_ITERS
+    eot: int = 1
+    queries: int = SQUARE_QUERIES
     seed: int = 0
     log: object = print
 
@@ -855,25 +933,31 @@ class Attack:
         return 0.0
 
 
+def eot_setting(opts):
+    """A row's EOT setting: none at 1 pass, so that rows measured before --eot existed are continued."""
+    return {"eot": opts.eot} if opts.eot > 1 else {}
+
+
 class PGDAttack(Attack):
     """PGD of `norm`, optionally under BPDA, optionally crafted at MeanSparse threshold `craft_alpha` and
-    judged at the model's own (a transfer attack). A batch's random starts come from a generator seeded by
-    the seed and the batch's first image: a row continued after an interruption draws what an uninterrupted
-    one would."""
+    judged at the model's own (a transfer attack), or crafted on another model and judged by `judge`. A
+    batch's random starts come from a generator seeded by the seed and the batch's first image: a row
+    continued after an interruption draws what an uninterrupted one would."""
 
-    def __init__(self, model, opts, *, norm, use_bpda=False, craft_alpha=None):
+    def __init__(self, model, opts, *, norm, use_bpda=False, craft_alpha=None, judge=None):
         super().__init__(model, opts)
-        eps = opts.eps[norm]
+        eps, self.judge = opts.eps[norm], judge or model
         self.settings = {"norm": norm, "eps": eps, "step_size": opts.step.get(norm) or eps / 4, "steps": opts.steps,
-                         "restarts": opts.restarts, "bpda": use_bpda, "crafted_at_alpha": craft_alpha}
+                         "restarts": opts.restarts, "bpda": use_bpda, "crafted_at_alpha": craft_alpha,
+                         **eot_setting(opts)}
 
     def batch(self, x, y, start):
         s, craft = self.settings, self.settings["crafted_at_alpha"]
         generator = torch.Generator(x.device).manual_seed(self.opts.seed * 1_000_003 + start)
         with meansparse_as(self.model, "bpda" if s["bpda"] else None, craft):
             x_adv = pgd(self.model, x, y, norm=s["norm"], eps=s["eps"], step_size=s["step_size"], steps=s["steps"],
-                        restarts=s["restarts"], generator=generator)
-        return correct(self.model, x_adv, y), {}
+                        restarts=s["restarts"], generator=generator, eot=self.opts.eot)
+        return correct(self.judge, x_adv, y), {}
 
 
 class AdaptiveAttack(Attack):
@@ -885,13 +969,13 @@ class AdaptiveAttack(Attack):
         super().__init__(model, opts)
         self.version, self.components = getattr(import_pyautoattack(), "__version__", "unknown"), components
         self.settings = {"norm": norm, "eps": opts.eps[norm], "iters": iters or opts.apgd_iters, "restarts": 1,
-                         "bpda": True}
+                         "bpda": True, **eot_setting(opts)}
 
     def batch(self, x, y, start):
         # at alpha 0 MeanSparse is off anyway: the transfer attack would be APGD-CE once more
         components = self.components or tuple(c for c in ADAPTIVE if get_alpha(self.model) or c != "apgd-ce-transfer")
         return apgd_batch(self.model, x, y, components, norm=self.settings["norm"], eps=self.settings["eps"],
-                          iters=self.settings["iters"], seed=self.opts.seed)
+                          iters=self.settings["iters"], seed=self.opts.seed, eot=self.opts.eot)
 
     def details(self, counts, n):
         components = {name: {"accuracy": None if name in CASCADED else 100.0 * c["correct"] / n,
@@ -947,9 +1031,28 @@ class AutoAttack(Attack):
         return NORMS[self.settings["norm"]].cpu_seconds
 
 
+class SquareAttack(Attack):
+    """Square (square-*: the official pyautoattack code, opts.queries queries, one restart): random search that
+    needs no gradient, so no masked or obfuscated gradient can stop it."""
+
+    def __init__(self, model, opts, *, norm):
+        super().__init__(model, opts)
+        self.settings = {"norm": norm, "eps": opts.eps[norm], "queries": opts.queries}
+        import_pyautoattack()
+
+    def batch(self, x, y, start):
+        s = self.settings
+        attack = import_pyautoattack().square.SquareAttack(self.model, norm=NORMS[s["norm"]].autoattack,
+                                                            n_queries=s["queries"], eps=s["eps"], seed=self.opts.seed,
+                                                            device=x.device)
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
+            return correct(self.model, attack.perturb(x, y), y), {}
+
+
 # The rows of --eval: name -> the attack that measures it. A norm added to NORMS gets its rows here.
 ROW_KINDS = {"pgd": (PGDAttack, {}), "bpda": (PGDAttack, {"use_bpda": True}),
-             "transfer": (PGDAttack, {"craft_alpha": 0.0}), "apgd": (AdaptiveAttack, {}), "aa": (AutoAttack, {})}
+             "transfer": (PGDAttack, {"craft_alpha": 0.0}), "apgd": (AdaptiveAttack, {}), "aa": (AutoAttack, {}),
+             "square": (SquareAttack, {})}
 ATTACKS = {"natural": Attack, **{f"{kind}-{norm}": functools.partial(cls, norm=norm, **kw)
                                  for kind, (cls, kw) in ROW_KINDS.items() for norm in NORMS}}
 
@@ -995,22 +1098,23 @@ class Report:
     finished rows and batches, and the next run of the same settings continues them (`open`, `row`).
     Evaluation and calibration keep theirs so."""
 
-    def __init__(self, path, header, rows=None, model_file=None):
-        self.path, self.model_file, self.finished = path, model_file, False
+    def __init__(self, path, header, rows=None, model_file=None, sink=None):
+        self.path, self.model_file, self.sink, self.finished = path, model_file, sink, False
         self.data = {**header, "complete": False, "results": dict(rows or {})}
         self.rows = self.data["results"]
 
     @classmethod
-    def open(cls, path, header, key, log, *, required=False, model_file=None):
-        """The report at `path`, continued if its file was made with the same `key` fields of `header` (the
-        same model, images and seed), else new: a file of other settings is kept as .prev. `required`
-        (--resume): there must be one to continue."""
-        saved = read_json(path)
+    def open(cls, path, header, key, log, *, required=False, model_file=None, saved=None, sink=None):
+        """The report at `path` (or `saved`, its data), continued if it was made with the same `key` fields of
+        `header` (the same model, images and seed), else new: a file of other settings is kept as .prev.
+        `required` (--resume): there must be one to continue. `sink(data)`: where the report goes after every
+        batch besides `path` (a --project's process sends it to the comparison, which writes the file)."""
+        saved = read_json(path) if saved is None else saved
         differ = [k for k in key if not isinstance(saved, dict) or saved.get(k) != header[k]]
         if not differ and isinstance(saved.get("results"), dict):
-            log(f"continuing {path}: {', '.join(saved['results']) or 'nothing finished yet'}")
+            log(f"continuing {path or 'the earlier report'}: {', '.join(saved['results']) or 'nothing finished yet'}")
             return cls(path, {**header, "resumed": saved.get("resumed", []) + [saved.get("command")]},
-                       saved["results"], model_file)
+                       saved["results"], model_file, sink)
         there = f"{', '.join(f'{k} {saved.get(k)}' for k in differ)} there" if isinstance(saved, dict) else "unreadable"
         if required:
             raise UserError(f"--resume: no report {path} to continue" if saved is None else f"--resume: {path} "
@@ -1019,7 +1123,7 @@ class Report:
             log(f"note: {path} was made with other settings ({there}): starting afresh; it may hold hours of "
                 f"work, so it is kept as {path}.prev (to continue it instead, rename it back and repeat its settings)")
             keep_previous(path, lambda line: None)
-        return cls(path, header, {}, model_file)
+        return cls(path, header, {}, model_file, sink)
 
     def row(self, name, attack, batches, log=print, verbose=True):
         """Row `name` of `attack`: kept if this report has it finished with the same settings, continued if
@@ -1028,7 +1132,7 @@ class Report:
         if why:
             log(f"{name}: {why}; measuring it again")
         elif old is not None and old.get("complete", True):
-            log(f"{name}: kept from {self.path}")
+            log(f"{name}: kept from {self.path or 'the earlier report'}")
             return old
         elif old is not None:
             log(f"{name}: continuing after the first {old['n_done']} of {old['n']} images")
@@ -1056,9 +1160,11 @@ class Report:
             self.rows[name] = row
         self.finished = self.finished or finished
         self.data["complete"] = self.finished and all(r.get("complete", True) for r in self.rows.values())
+        data = {**self.data, "model_sha256": file_sha256(self.model_file)} if self.model_file else self.data
         if self.path:
-            data = {**self.data, "model_sha256": file_sha256(self.model_file)} if self.model_file else self.data
             atomic_write(self.path, lambda f: f.write(json.dumps(data, indent=2).encode()))
+        if self.sink:
+            self.sink(data)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1622,17 +1728,6 @@ def choose_alpha(sweep, criterion="adaptive", max_clean_drop=CLEAN_DROP_LIMIT):
     return max(allowed, key=lambda row: (row[criterion], -row["alpha"]))["alpha"]
 
 
-def weights_fingerprint(model):
-    """sha256 of every parameter and buffer of `model` but the MeanSparse thresholds (alpha): the same
-    weights and statistics give the same fingerprint, whatever the memory layout."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        if not name.endswith(".alpha"):
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 # sweep column -> the row of ATTACKS that measures it on the validation split (adaptive: that criterion only)
 SWEEP = {"clean": "natural", "plain": "pgd-linf", "bpda": "bpda-linf", "adaptive": "apgd-linf"}
 
@@ -1726,35 +1821,122 @@ def evaluate_rows(model, rows, report, batches, opts, log):
         log_row(name, row, get_alpha(model), log)
 
 
-def sanity_checks(model, batches, opts, log=print):
-    """Checks that the attack is working on this model: their details, and whether all passed."""
-    n, eps = len(batches.labels), NORMS["linf"].eps
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """A symptom of an attack that failed (AutoAttack's checks; Pintor et al., Indicators of Attack Failure,
+    2022): what it means when it fires, and what to do instead."""
+    means: str
+    remedy: str
 
-    def noise(acc):    # two standard errors of a binomial accuracy, at least one image
-        return max(100.0 / n, 2 * 100 * math.sqrt(max(acc / 100 * (1 - acc / 100), 1e-12) / n))
 
-    def run(radius, steps, name="pgd-linf"):
-        return accuracy(model, batches, name, opts.at("linf", radius, steps=steps),
-                        desc=f"sanity eps {radius * 255:.0f}/255")
+CHECKS = {
+    "train-mode": Check("the model is in train mode: BatchNorm normalises by each batch, Dropout is random",
+                        "end load_for_testing with self.eval(): the platform measures the model as it is left"),
+    "randomized": Check("the same images give other logits from one pass to the next",
+                        "average each gradient over several passes: --eot 20"),
+    "probabilities": Check("the outputs are probabilities, not logits: cross-entropy's gradient vanishes on them",
+                           "make Net return logits; meanwhile --eval apgd-linf, whose targeted DLR loss reads margins"),
+    "zero-gradients": Check("images have an all-zero input gradient: gradient attacks cannot move them",
+                            "BPDA through the layer that stops the gradient, or a gradient-free attack: --eval square-linf"),
+    "unbounded": Check("PGD at eps 1, where any image is reachable, leaves images correct",
+                       "the gradient leads nowhere: --eval square-linf, and BPDA through a non-differentiable layer"),
+    "monotone": Check("accuracy rises with eps: the attack is not optimising", "more --steps and --restarts"),
+    "convergence": Check("twice the PGD steps lower the accuracy by more than two paired standard errors",
+                         "more --steps, or --eval apgd-linf, whose step size adapts"),
+    "transfer": Check("PGD crafted on a surrogate breaks images the white-box attack left correct",
+                      "the model's own gradient misleads: --eval apgd-linf,square-linf, or BPDA"),
+    "gradient-free": Check("Square, which needs no gradient, breaks images the gradient attack left correct",
+                           "the gradient is masked: --eval square-linf,apgd-linf, and BPDA through such a layer"),
+    "bpda": Check("BPDA PGD is weaker than plain PGD through MeanSparse", "a fault of this tool's BPDA: report it"),
+}
 
-    accs = [run(radius, opts.steps) for radius in SANITY_EPS_LINF]
-    more = run(eps, SANITY_STEPS_FACTOR * opts.steps)
-    base = accs[SANITY_EPS_LINF.index(eps)]
-    bpda_acc = run(eps, opts.steps, "bpda-linf")
-    checks = {
-        "accuracy never rises with eps": all(b <= a + noise(a) for a, b in zip(accs, accs[1:])),
-        f"about 0 at eps {SANITY_EPS_LINF[-1] * 255:.0f}/255": accs[-1] <= noise(0.0) + 1.0,
-        f"{SANITY_STEPS_FACTOR}x steps do not raise accuracy": more <= base + noise(base),
-        "BPDA not weaker than plain PGD": bpda_acc <= base + noise(base),
-    }
-    details = {"eps": list(SANITY_EPS_LINF), "accuracy": accs, f"pgd{SANITY_STEPS_FACTOR * opts.steps}": more,
-               "bpda": bpda_acc, "checks": checks, "passed": all(checks.values())}
-    log("sanity (L-inf, eps " + ", ".join(f"{e * 255:.0f}" for e in SANITY_EPS_LINF) + " /255: "
-        + ", ".join(f"{a:.1f}" for a in accs) + f"; PGD-{SANITY_STEPS_FACTOR * opts.steps} at 8/255 "
-        f"{more:.1f}; BPDA {bpda_acc:.1f})")
-    for name, ok in checks.items():
-        log(f"  {'PASS' if ok else 'FAIL'}  {name}")
-    return details
+
+def autoattack_says(check, *args, **kwargs):
+    """Does one of AutoAttack's own checks (pyautoattack.checks, which warn) warn?"""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check(*args, **kwargs)
+    return bool(caught)
+
+
+def quick_checks(model, x, y):
+    """The checks that attack nothing, on a few clean images: {name: what it saw, or None where it did not
+    fire}. AutoAttack's own functions judge; the figures are for the message."""
+    checks, n = import_pyautoattack().checks, len(x)
+    training = [m for m in model.modules() if m.training]
+    with torch.no_grad():
+        first, second = model(x).float(), model(x).float()
+    x_grad = x.clone().requires_grad_(True)
+    out = model(x_grad)
+    grad = torch.autograd.grad(cross_entropy_sum(out, y), x_grad)[0] if out.requires_grad else torch.zeros_like(x)
+    zero = int((grad.flatten(1).abs().sum(1) == 0).sum())
+    seen = {"train-mode": training and f"{len(training)} of {len(list(model.modules()))} modules in train mode",
+            "randomized": autoattack_says(checks.check_randomized, model, x, y, n=2) and f"two passes over the same "
+            f"{n} images differ by up to {float((first - second).abs().max()):.3g} in a logit",
+            "probabilities": autoattack_says(checks.check_range_output, model, x) and f"outputs in "
+            f"[{float(first.min()):.3g}, {float(first.max()):.3g}], each image's summing to 1",
+            "zero-gradients": autoattack_says(checks.check_zero_gradients, grad) and f"{zero} of {n} images"}
+    return {name: saw or None for name, saw in seen.items()}
+
+
+def broke_more(base, after, what, steps):
+    """What a check saw where `after` (per-image bools) leaves fewer images correct than `base`, PGD's, by more
+    than SIGNIFICANCE paired standard errors; None otherwise."""
+    gain, se = paired_gain(after, base)
+    broke = int((base & ~after).sum())
+    if broke and -gain > SIGNIFICANCE * se:
+        return (f"{what} broke {broke} of the {int(base.sum())} images PGD-{steps} left correct ({gain:+.2f} +- "
+                f"{se:.2f} points)")
+    return None
+
+
+def attack_checks(model, batches, opts, surrogate):
+    """The checks that attack (--sanity), at the L-inf eps of `opts`: ({name: what it saw or None}, the
+    accuracies behind them). `surrogate`: the model on which the transfer check crafts PGD (under BPDA)."""
+    eps, steps, n, show = opts.eps["linf"], opts.steps, len(batches.labels), NORMS["linf"].show
+
+    def run(attack, desc):
+        return per_image_bools(measure(attack, batches, desc=f"check: {desc}")["per_image"])
+
+    def noise(k):       # two binomial standard errors of a count of k images correct, at least one image
+        return max(1.0, 2 * math.sqrt(k * (n - k) / n))
+
+    radii = sorted({0.0, eps / 2, eps, 2 * eps, 1.0})
+    sweep = [run(PGDAttack(model, opts.at("linf", r), norm="linf") if r else Attack(model, opts), f"eps {show(r)}")
+             for r in radii]
+    counts, base = [int(s.sum()) for s in sweep], sweep[radii.index(eps)]
+    doubled = run(PGDAttack(model, opts.at("linf", eps, steps=2 * steps), norm="linf"), f"PGD-{2 * steps}")
+    transfer = base & run(PGDAttack(surrogate, opts.at("linf", eps), norm="linf", use_bpda=True, judge=model),
+                          "transfer")
+    square = base & run(SquareAttack(model, opts.at("linf", eps), norm="linf"), "Square")
+    rises = [f"{counts[i + 1]} at eps {show(radii[i + 1])} against {counts[i]} at {show(radii[i])}"
+             for i in range(len(radii) - 1) if counts[i + 1] > counts[i] + noise(counts[i])]
+    gain, se = paired_gain(square, base)
+    fractions = {"clean": counts[0] / n, "pgd": float(base.double().mean()), "square": float(square.double().mean())}
+    seen = {"unbounded": counts[-1] and f"{counts[-1]} of {n} images correct at eps 1",
+            "monotone": rises and f"images correct: {'; '.join(rises)}",
+            "convergence": broke_more(base, doubled, f"PGD-{2 * steps}", steps),
+            "transfer": broke_more(base, transfer, "PGD crafted on the surrogate", steps),
+            "gradient-free": autoattack_says(import_pyautoattack().checks.check_square_sr, fractions,
+                                             alpha=SIGNIFICANCE * se / 100)
+            and broke_more(base, square, f"Square ({opts.queries} queries)", steps)}
+    figures = {"eps": radii, "accuracy": [percent(s) for s in sweep], f"pgd{2 * steps}": percent(doubled),
+               "transfer": percent(transfer), "square": percent(square)}
+    if get_alpha(model) > 0:
+        figures["bpda"] = percent(bpda := run(PGDAttack(model, opts.at("linf", eps), norm="linf", use_bpda=True),
+                                              "BPDA"))
+        seen["bpda"] = int(bpda.sum()) > counts[radii.index(eps)] + noise(counts[radii.index(eps)]) and \
+            f"BPDA PGD-{steps} left {int(bpda.sum())} images correct, plain PGD {counts[radii.index(eps)]}"
+    return {name: saw or None for name, saw in seen.items()}, figures
+
+
+def log_checks(seen, log, everything):
+    """A line per check that fired (its name, what it saw, the remedy), then one naming those that passed."""
+    for name, saw in seen.items():
+        if saw:
+            log(f"check {name} FIRED: {saw}; remedy: {CHECKS[name].remedy}")
+    passed = [name for name, saw in seen.items() if not saw]
+    log(f"checks passed: {', '.join(passed) or 'none'}" + ("" if everything else " (--sanity runs every check)"))
 
 
 def robustness_curves(model, batches, opts):
@@ -1827,6 +2009,32 @@ def plot_report(report, path, title):
     plt.close(fig)
 
 
+def plot_comparison(table, rows, path):
+    """The comparison of projects as a figure: per row a group of bars, one per project measured, each with
+    two standard errors, hatched where a check fired; the projects that failed are named in the title."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    measured = [label for label, entry in table.items() if entry["rows"]]
+    failed = [label for label in table if label not in measured]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(rows) * max(len(measured), 1) + 2), 4))
+    width = 0.8 / max(len(measured), 1)
+    for k, label in enumerate(measured):
+        cells = [table[label]["rows"].get(name) for name in rows]
+        fired = table[label]["checks_fired"]
+        ax.bar([i + k * width for i in range(len(rows))], [c["accuracy"] if c else 0 for c in cells], width,
+               yerr=[2 * c["se"] if c else 0 for c in cells], capsize=3, hatch="//" if fired else None,
+               label=label + (f" (checks fired: {', '.join(fired)})" if fired else ""))
+    ax.set_xticks([i + width * (len(measured) - 1) / 2 for i in range(len(rows))], rows)
+    ax.set(ylabel="accuracy (%)", ylim=(0, 100), title="projects compared" + (
+        f" (failed: {', '.join(failed)})" if failed else ""))
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format=os.path.splitext(path)[1][1:].lower(), dpi=120))
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------
@@ -1857,6 +2065,7 @@ EXAMPLES = """examples:
   ./model.py --eval apgd-linf,apgd-l2 --report r.json # the adaptive evaluation: a GPU job
   ./model.py --calibrate --model-file copy.pth        # MeanSparse statistics, alpha chosen on validation
   ./model.py --force-train --time-budget 7 --model-file new.pth --eval natural,pgd-linf
+  ./model.py --project . --project ../student --eval natural,pgd-linf --sanity --report grades.json
 """
 
 
@@ -1880,7 +2089,22 @@ def _add_evaluation_flags(g):
                                                          "the same model, images and seed continues it")
     g.add_argument("--plot", metavar="FILE.png", help="plot accuracy against eps, and the alpha sweep and "
                                                       "training curves of this run (matplotlib)")
-    g.add_argument("--sanity", action="store_true", help="check that the attack works (PASS/FAIL, exit 1 on FAIL)")
+    g.add_argument("--eot", type=positive_int, default=1, metavar="N", help="average each PGD and APGD gradient "
+                   "over N forward passes, for a randomised model (default 1)")
+    g.add_argument("--square-queries", type=positive_int, default=SQUARE_QUERIES, metavar="N",
+                   help=f"queries of the square-* rows and the gradient-free check (default {SQUARE_QUERIES})")
+    g.add_argument("--sanity", action="store_true", help="run every attack-failure check (docs/grading.md); exit 1 "
+                   "when one fires")
+    g.add_argument("--surrogate", metavar="FILE", help="model file on which the transfer check crafts PGD "
+                                                        f"(default {Net.model_file} beside this script)")
+
+
+def _add_project_flags(g):
+    g.add_argument("--project", action="append", metavar="DIR", help="evaluate the project in DIR (a model.py with "
+                   "Net and load_for_testing) as the grading platform loads it; give it again to compare several. "
+                   "This RUNS THE PROJECT'S OWN CODE: grade untrusted submissions in a container")
+    g.add_argument("--project-timeout", type=positive, default=PROJECT_TIMEOUT, metavar="SECONDS",
+                   help=f"a project still running after this long is stopped (default {PROJECT_TIMEOUT})")
 
 
 def _add_other_flags(calibration, data):
@@ -1928,9 +2152,11 @@ def parse_args(argv=None):
     p.add_argument("--model-file", help=f"model file to test, train or calibrate (default {Net.model_file}, "
                                         f"the committed model that Net() loads)")
     p.add_argument("-f", "--force-train", action="store_true", help="train even if the model file exists")
-    groups = {"eval": p.add_argument_group("evaluate"), "calibrate": p.add_argument_group("calibrate MeanSparse"),
+    groups = {"eval": p.add_argument_group("evaluate"), "projects": p.add_argument_group("grade projects"),
+              "calibrate": p.add_argument_group("calibrate MeanSparse"),
               "train": p.add_argument_group("train"), "data": p.add_argument_group("data and device")}
     _add_evaluation_flags(groups["eval"])
+    _add_project_flags(groups["projects"])
     _add_other_flags(groups["calibrate"], groups["data"])
     _add_config_flags(groups)
     groups["train"].add_argument("--resume", action="store_true", help="continue training from <model-file>.ckpt "
@@ -2003,12 +2229,14 @@ def plan(args, argv):
     cfg = train_config(args)
     opts = AttackOptions(eps={n: getattr(args, f"eps_{n}") for n in NORMS}, steps=args.steps, seed=cfg.seed,
                          step={n: getattr(args, f"step_{n}") for n in NORMS}, restarts=args.restarts,
-                         apgd_iters=args.apgd_iters)
-    state = RunState(cfg, opts, device, train=args.force_train or not os.path.exists(args.model_file),
+                         apgd_iters=args.apgd_iters, eot=args.eot, queries=args.square_queries)
+    state = RunState(cfg, opts, device, train=not args.project and (args.force_train or
+                                                                    not os.path.exists(args.model_file)),
                      calibrate=args.calibrate, command=" ".join(["./model.py", *(sys.argv[1:] if argv is None
                                                                                  else argv)]),
                      rank=rank, world_size=world_size)
     check_flags(args, state)
+    check_project_flags(args)
     for message in flag_warnings(args, state) if rank == 0 else []:
         warn(message)
     return state
@@ -2043,6 +2271,24 @@ def check_flags(args, state):
         raise UserError("--plot needs matplotlib: pip install matplotlib (or drop --plot; --report keeps the numbers)")
 
 
+def check_project_flags(args):
+    """--project's folders, and the flags that cannot go with it (it evaluates a project as it is); the
+    surrogate of --sanity's transfer check."""
+    for flag, given in (("--model-file", args.model_file_given), ("--force-train", args.force_train),
+                        ("--calibrate", args.calibrate), ("--resume", args.resume)):
+        if args.project and given:
+            raise UserError(f"--project evaluates a project as it is: drop {flag}")
+    for directory in args.project or []:
+        if not os.path.isdir(directory):
+            raise UserError(f"--project {directory}: no such folder")
+    duplicates = {d for d in args.project or [] if (args.project or []).count(d) > 1}
+    if duplicates:
+        raise UserError(f"--project {sorted(duplicates)[0]} is given twice")
+    surrogate = args.surrogate or default_surrogate()
+    if args.sanity and not os.path.isfile(surrogate):
+        raise UserError(f"--surrogate {surrogate}: no such model file (the transfer check of --sanity crafts on it)")
+
+
 def flag_warnings(args, state):
     """What is odd but allowed: settings that do nothing, or something else than they seem to."""
     cfg, rows = state.cfg, [ATTACKS[name](None, state.opts) for name in args.eval]
@@ -2062,7 +2308,15 @@ def flag_warnings(args, state):
            (state.train and cfg.ema and cfg.ema_start == 1,
             "--ema-start 1: the EMA starts at the end of the run and equals the final weights"),
            (state.train and cfg.attack_steps == 0 and cfg.trades is not None,
-            "--train-steps 0 with --trades: without an attack TRADES's KL term is 0, so this is natural training")]
+            "--train-steps 0 with --trades: without an attack TRADES's KL term is 0, so this is natural training"),
+           (args.project_timeout != PROJECT_TIMEOUT and not args.project,
+            "--project-timeout does nothing without --project"),
+           (args.surrogate and not args.sanity, "--surrogate does nothing without --sanity (its transfer check)"),
+           (args.eot > 1 and not args.sanity and not any(isinstance(r, (PGDAttack, AdaptiveAttack)) for r in rows),
+            "--eot does nothing without a pgd-*, bpda-*, transfer-* or apgd-* row or --sanity"),
+           (args.square_queries != SQUARE_QUERIES and not args.sanity and
+            not any(isinstance(r, SquareAttack) for r in rows),
+            "--square-queries does nothing without a square-* row or --sanity")]
     odd += [(eps == 0 and (any(r.settings.get("norm") == norm for r in rows) or norm == "linf" and state.train),
              f"--eps-{norm} 0: the {norm} rows{' and the training attack' if norm == 'linf' else ''} perturb nothing")
             for norm, eps in state.opts.eps.items()]
@@ -2159,7 +2413,7 @@ def prepare_outputs(args, state, locks):
                 raise UserError(f"{flag} {path} is the same file as {other_flag} {other}; writing it would "
                                 f"destroy that one: give another name")
     report = read_json(args.report) if args.report and os.path.exists(args.report) else {"results": {}}
-    if not (isinstance(report, dict) and isinstance(report.get("results"), dict)):
+    if not (isinstance(report, dict) and any(isinstance(report.get(k), dict) for k in ("results", "projects"))):
         raise UserError(f"--report {args.report}: exists and is not a report of model.py; give another name")
     if args.plot and os.path.isfile(args.plot):
         with open(args.plot, "rb") as f:
@@ -2178,12 +2432,12 @@ def prepare_outputs(args, state, locks):
                         f"continue it, or delete it to start over")
 
 
-def apgd_cost_note(args, state, report):
-    """A note before APGD work (apgd-* and aa-* rows, the adaptive calibration) that would take a CPU more
-    than LONG_CPU_WORK seconds: a GPU job, and the flags that make it smaller. What the report or the
-    calibration's progress has finished is not counted."""
+def apgd_cost_note(args, state, reports):
+    """A note before APGD work (apgd-* and aa-* rows of each of `reports`, one per model or project, the
+    adaptive calibration) that would take a CPU more than LONG_CPU_WORK seconds: a GPU job, and the flags
+    that make it smaller. What the reports or the calibration's progress have finished is not counted."""
     n, seconds, images = images_of(args.split, args.n_eval), 0.0, 0
-    for name in args.eval:
+    for report, name in ((report, name) for report in reports for name in args.eval):
         attack = ATTACKS[name](None, state.opts)
         old, _ = report.reusable(name, attack, n, "cpu")
         left = n if old is None else 0 if old.get("complete", True) else n - old["n_done"]
@@ -2254,16 +2508,35 @@ def calibrate_model(model, args, state, data, batch_size, log):
         os.unlink(progress_file(args.model_file))     # the model file now holds the sweep
 
 
-def apply_alpha(model, args):
-    """--alpha: MeanSparse's threshold for this run only."""
-    calibrated = model.meta.get("calibration", {}).get("sweep")
+def apply_alpha(model, args, name):
+    """--alpha: MeanSparse's threshold for this run only (`name`: the model file or project, for messages)."""
+    calibrated = getattr(model, "meta", {}).get("calibration", {}).get("sweep")
     if args.alpha > 0 and not calibrated:
-        raise UserError(f"{args.model_file}: has no MeanSparse statistics; run --calibrate first")
+        raise UserError(f"{name}: has no MeanSparse statistics of this tool; run --calibrate first")
     largest = max((row["alpha"] for row in calibrated or []), default=0.0)
     if args.alpha > largest:
         warn(f"--alpha {args.alpha:g} is above the largest calibrated value ({largest:g}): MeanSparse will "
              f"replace most activations by their channel means")
     set_alpha(model, args.alpha)
+
+
+def default_surrogate():
+    """The committed model beside this script: the transfer check's surrogate unless --surrogate names one."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), Net.model_file)
+
+
+def failure_checks(model, args, state, batches, log):
+    """The attack-failure checks of an evaluation, logged: those that attack nothing after every robustness
+    evaluation, all of them with --sanity. Returns the report's record of them."""
+    x, y = next(iter(batches))
+    seen, figures = quick_checks(model, x[:QUICK_CHECK_IMAGES], y[:QUICK_CHECK_IMAGES]), {}
+    if args.sanity:
+        more, figures = attack_checks(model, batches, state.opts,
+                                      load_model(args.surrogate or default_surrogate(), state.device))
+        seen.update(more)
+    log_checks(seen, log, args.sanity)
+    return {"fired": {k: v for k, v in seen.items() if v}, "passed": [k for k, v in seen.items() if not v],
+            **figures}
 
 
 def evaluate_model(model, args, state, data, report, log):
@@ -2275,9 +2548,8 @@ def evaluate_model(model, args, state, data, report, log):
     evaluate_rows(model, args.eval, report, batches, state.opts, log)
     if "natural" in report.rows:
         print(f"Model natural accuracy ({args.split}): {report.rows['natural']['accuracy']:.2f}")
-    if args.sanity:
-        report.data["sanity"] = sanity_checks(model, batches, state.opts, log=log)
-        log(f"sanity: {'PASS' if report.data['sanity']['passed'] else 'FAIL'}")
+    if args.sanity or set(args.eval) - {"natural"}:
+        report.data["checks"] = failure_checks(model, args, state, batches, log)
     if args.plot:
         report.data["curves"] = robustness_curves(model, batches, state.opts)
     if state.saved:
@@ -2288,25 +2560,161 @@ def evaluate_model(model, args, state, data, report, log):
                 "split": args.split, "n": len(labels), "alpha": get_alpha(model), "results": results}})
     report.save(finished=True)
     if args.plot:
-        plot_report(report.data, args.plot, f"{model.arch_name}, alpha {get_alpha(model):g}, n={len(labels)}")
+        name = report.data.get("project") or model.arch_name
+        plot_report(report.data, args.plot, f"{name}, alpha {get_alpha(model):g}, n={len(labels)}")
         log(f"wrote {args.plot}")
     if args.report:
         log(f"wrote {args.report}")
-    return report.data.get("sanity", {}).get("passed", True)
+    return not (args.sanity and report.data["checks"]["fired"])
 
 
-def open_report(args, state, model, log):
-    """The evaluation's report, continued from --report's file when that was made with the same model file,
-    split, images, seed and alpha (then with its batch size, unless --eval-batch-size says otherwise)."""
-    saved = read_json(args.report)
+def open_report(args, state, model, log, source, path, saved=None, sink=None):
+    """The evaluation's report of the model from `source` ({"model_file": path, "model_sha256": ...} or
+    {"project": folder, "project_sha256": ...}), continued from the file at `path` (or `saved`, a project's
+    part of a comparison) when that was made with the same model, split, images, seed and alpha (then with
+    its batch size, unless --eval-batch-size says otherwise). `sink`: see Report.open."""
+    saved = read_json(path) if path else saved
     batch_size = args.eval_batch_size or isinstance(saved, dict) and saved.get("eval_batch_size") or (
         GPU_EVAL_BATCH if state.device.type == "cuda" else CPU_BATCH)
-    header = {"model_file": args.model_file, "model_sha256": file_sha256(args.model_file), "split": args.split,
-              "n": images_of(args.split, args.n_eval), "alpha": get_alpha(model), "seed": state.cfg.seed,
-              "eval_batch_size": batch_size, "device": device_name(state.device), "torch": torch.__version__,
-              "command": state.command}
-    return Report.open(args.report, header, ("model_sha256", "split", "n", "seed", "alpha"), log,
-                       required=args.resume and not state.train, model_file=args.model_file)
+    header = {**source, "split": args.split, "n": images_of(args.split, args.n_eval), "alpha": get_alpha(model),
+              "seed": state.cfg.seed, "eval_batch_size": batch_size, "device": device_name(state.device),
+              "precision": precision(state.device), "torch": torch.__version__, "command": state.command}
+    fingerprint = next(k for k in source if k.endswith("sha256"))
+    return Report.open(path, header, (fingerprint, "split", "n", "seed", "alpha"), log, saved=saved, sink=sink,
+                       required=args.resume and not state.train, model_file=source.get("model_file"))
+
+
+def project_worker(conn, directory, args, state, saved, threads):
+    """One --project in a process of its own: load it, evaluate it as a --model-file is evaluated, and send
+    its report after every batch ("report", data), then ("done", checks passed) or ("error", one line)."""
+    from tqdm import tqdm
+    torch.set_num_threads(threads)     # the parent's: the same arithmetic as a --model-file run there
+    log = tqdm.write
+    state.opts = dataclasses.replace(state.opts, log=log)
+    try:
+        with true_float32():
+            model, fingerprint = load_project(directory, state.device)
+            if any(m.training for m in model.modules()):
+                log(f"note: {directory} leaves its model in train mode; it is measured so, as the platform would")
+            if args.alpha is not None:
+                apply_alpha(model, args, directory)
+            data = functools.lru_cache(maxsize=None)(functools.partial(load_cifar10, resolve_data_dir(args.data_dir)))
+            report = open_report(args, state, model, log, {"project": directory, "project_sha256": fingerprint},
+                                 None, saved, sink=lambda part: conn.send(("report", part)))
+            passed = evaluate_model(model, args, state, data, report, log)
+        sys.stdout.flush()
+        conn.send(("done", passed))
+    except KeyboardInterrupt:
+        pass
+    except BaseException as e:      # the project's own code may raise anything, SystemExit included
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        conn.send(("error", first if isinstance(e, UserError) else f"{e.__class__.__name__}: {first}"))
+
+
+def run_project(directory, args, state, saved, send):
+    """Run one project's worker within --project-timeout seconds; `send(data)` gets its report as it comes.
+    Returns (checks passed, None) or (False, what went wrong)."""
+    context = multiprocessing.get_context("spawn")     # a fresh interpreter: nothing of this one leaks in
+    receive, conn = context.Pipe(duplex=False)
+    worker = context.Process(target=project_worker, daemon=True,
+                             args=(conn, directory, args, state, saved, torch.get_num_threads()))
+    worker.start()
+    conn.close()
+    deadline = time.monotonic() + args.project_timeout
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            if not receive.poll(min(left, 1.0)):
+                continue
+            try:
+                kind, value = receive.recv()
+            except EOFError:
+                worker.join(10)
+                return False, f"its process ended (exit status {worker.exitcode}) before it finished"
+            if kind == "report":
+                send(value)
+            else:
+                worker.join(30)
+                return (value, None) if kind == "done" else (False, value)
+        return False, f"still running after --project-timeout {args.project_timeout:g} s: stopped"
+    finally:
+        if worker.is_alive():
+            worker.kill()
+        worker.join()
+
+
+def comparison_table(projects, rows):
+    """Per project and row of `rows`: the accuracy with its standard error and, after the first project
+    measured, the paired difference from it on the same images; or the project's error."""
+    table, first = {}, None
+    for label, part in projects.items():
+        results, cells = part.get("results") or {}, {}
+        for name in rows:
+            row = results.get(name)
+            if not isinstance(row, dict) or not row.get("complete", True):
+                continue
+            outcomes = per_image_bools(row["per_image"])
+            p = float(outcomes.double().mean())
+            cells[name] = {"accuracy": row["accuracy"], "se": 100 * math.sqrt(p * (1 - p) / len(outcomes))}
+            if first and name in first and len(first[name]) == len(outcomes):
+                cells[name]["diff"], cells[name]["diff_se"] = paired_gain(outcomes, first[name])
+        if first is None and cells:
+            first = {name: per_image_bools(results[name]["per_image"]) for name in cells}
+        table[label] = {"rows": cells, "error": part.get("error"),
+                        "checks_fired": sorted(((part.get("checks") or {}).get("fired") or {}))}
+    return table
+
+
+def log_table(table, rows, log):
+    """The comparison as text: a line per project, a column per row, then the checks that fired."""
+    width = max(len("project"), *(len(label) for label in table))
+    log(f"{'project':{width}s}  " + "".join(f"{name:32s}" for name in rows) + "checks fired")
+    for label, entry in table.items():
+        cells = [entry["rows"].get(name) for name in rows]
+        text = ["-" if c is None else f"{c['accuracy']:6.2f} +- {c['se']:4.2f}" + (
+            f" ({c['diff']:+6.2f} +- {c['diff_se']:4.2f})" if "diff" in c else "") for c in cells]
+        log(f"{label:{width}s}  " + "".join(f"{t:32s}" for t in text) + (", ".join(entry["checks_fired"]) or "none")
+            + (f"  error: {entry['error']}" if entry["error"] else ""))
+    log("(accuracy % +- its standard error; in brackets the paired difference from the first project)")
+
+
+def compare_projects(args, state, log):
+    """Every --project in a process of its own, one after the other, into one report (--report, rewritten as
+    each sends its part; the same command continues it), then the table of projects against rows and
+    --plot's figure of it. Exit status 0 when every project was measured (and, with --sanity, passed)."""
+    saved = read_json(args.report) or {}
+    old = saved.get("projects") if isinstance(saved.get("projects"), dict) else {}
+    if args.report and os.path.isfile(args.report) and not old:
+        keep_previous(args.report, log)     # another kind of report: kept, not overwritten
+    if state.device.type == "cpu" and (note := apgd_cost_note(
+            args, state, [Report(None, {}, (old.get(d) or {}).get("results")) for d in args.project])):
+        log(note)
+    load_cifar10(resolve_data_dir(args.data_dir), args.split)      # missing data stops all projects: say so once
+    data = {"command": state.command, "complete": False, "projects": {}}
+
+    def write():
+        if args.report:
+            atomic_write(args.report, lambda f: f.write(json.dumps(data, indent=2).encode()))
+
+    child = argparse.Namespace(**{**vars(args), "report": None, "plot": args.plot if len(args.project) == 1 else None})
+    state.stage, measured = "evaluating", True
+    for i, directory in enumerate(args.project):
+        log(f"project {i + 1} of {len(args.project)}: {directory}")
+        passed, error = run_project(directory, child, dataclasses.replace(state, opts=dataclasses.replace(
+            state.opts, log=print)), old.get(directory), lambda part: data["projects"].update({directory: part})
+            or write())
+        if error:
+            data["projects"][directory] = {**data["projects"].get(directory, {}), "error": error}
+            log(f"{directory}: error: {error}")
+        measured = measured and error is None and passed
+        write()
+    data["table"] = comparison_table(data["projects"], args.eval)
+    data["complete"] = all(part.get("complete") and not part.get("error") for part in data["projects"].values())
+    write()
+    log_table(data["table"], args.eval, log)
+    if args.plot and len(args.project) > 1:
+        plot_comparison(data["table"], args.eval, args.plot)
+        log(f"wrote {args.plot}")
+    return 0 if measured else 1
 
 
 def execute(args, state):
@@ -2318,18 +2726,23 @@ def execute(args, state):
     state.opts = dataclasses.replace(state.opts, log=log)
     data = functools.lru_cache(maxsize=None)(functools.partial(load_cifar10, resolve_data_dir(args.data_dir)))
     batch_size = args.eval_batch_size or (GPU_EVAL_BATCH if state.device.type == "cuda" else CPU_BATCH)
+    if args.project:
+        return compare_projects(args, state, log)
     rows = (read_json(args.report) or {}).get("results")
-    if state.device.type == "cpu" and (note := apgd_cost_note(args, state, Report(None, {}, rows))):
+    if state.device.type == "cpu" and (note := apgd_cost_note(args, state, [Report(None, {}, rows)])):
         log(note)
     model = train_model(args, state, data, log) if state.train else load_model(args.model_file, state.device)
     if model is None:
         return 0
     model.eval().to(memory_format=torch.channels_last)     # faster convolutions on GPUs and CPUs alike
-    if args.calibrate:
-        calibrate_model(model, args, state, data, batch_size, log)
-    if args.alpha is not None:
-        apply_alpha(model, args)
-    return 0 if evaluate_model(model, args, state, data, open_report(args, state, model, log), log) else 1
+    with true_float32():
+        if args.calibrate:
+            calibrate_model(model, args, state, data, batch_size, log)
+        if args.alpha is not None:
+            apply_alpha(model, args, args.model_file)
+        source = {"model_file": args.model_file, "model_sha256": file_sha256(args.model_file)}
+        report = open_report(args, state, model, log, source, args.report)
+        return 0 if evaluate_model(model, args, state, data, report, log) else 1
 
 
 def interrupt_message(args, state):
