@@ -164,17 +164,26 @@ def test_attack_settings_follow_the_arguments():
     assert settings["natural"] == {}
 
 
-def test_sanity_checks_fail_when_the_attack_cannot_move_the_model(tiny_trained, val_set):
-    """A model whose every MeanSparse maps everything to the mean: no attack can change its output,
-    so 'about 0 at 64/255' must FAIL (and the whole check with it)."""
+def test_checks_fire_when_no_attack_can_move_the_model(tiny_trained, tiny_trained_state, val_set):
+    """A model whose every MeanSparse maps everything to the mean has one output for every image: its
+    gradient is zero and PGD at eps 1 leaves correct the images of its one class. Both checks must fire."""
     M.set_alpha(tiny_trained, 1e6)
     batches = M.Batches(val_set[0][:32], val_set[1][:32], 32, device="cpu")
+    x, y = next(iter(batches))
+    with torch.no_grad():
+        constant = tiny_trained(x).argmax(1)
+    assert bool((constant == constant[0]).all()) and bool((y == constant[0]).any()), "premise: one class, present"
+    surrogate = M.WideResNet(10, 1)
+    surrogate.load_state_dict(tiny_trained_state)
+    seen, figures = M.attack_checks(tiny_trained, batches, M.AttackOptions(steps=1, queries=5), surrogate.eval())
+    assert seen["unbounded"] == f"{int((y == constant[0]).sum())} of 32 images correct at eps 1"
+    assert len(set(figures["accuracy"])) == 1                        # flat: the attack does nothing
+    quick = M.quick_checks(tiny_trained, x[:8], y[:8])
+    assert quick["zero-gradients"] == "8 of 8 images" and quick["probabilities"] is None
     lines = []
-    details = M.sanity_checks(tiny_trained, batches, M.AttackOptions(steps=1), log=lines.append)
-    assert details["passed"] is False
-    assert details["checks"]["about 0 at eps 64/255"] is False
-    assert len(set(details["accuracy"])) == 1                        # flat: the attack does nothing
-    assert "  FAIL  about 0 at eps 64/255" in lines
+    M.log_checks({**quick, **seen}, lines.append, True)
+    assert any(line.startswith("check unbounded FIRED: ") and "remedy: " in line for line in lines)
+    assert lines[-1].startswith("checks passed: train-mode, randomized, probabilities")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -372,16 +381,18 @@ def test_failed_training_leaves_the_model_file_untouched(run_cli, tmp_path, tiny
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth"]
 
 
-def test_sanity_on_a_tiny_model_prints_pass_lines(run_cli, tiny_model_file, data_dir):
+def test_sanity_on_an_undefended_tiny_model_passes_every_check(run_cli, tmp_path, tiny_model_file, data_dir):
+    # a model with no defence and a working attack: no check fires, exit 0 (bpda runs only with MeanSparse on)
+    report = tmp_path / "r.json"
     result = run_cli("--model-file", tiny_model_file, "--sanity", "--split", "val", "--n-eval", "32",
-                     "--steps", "2", "--data-dir", data_dir)
-    checks = re.findall(r"^  (PASS|FAIL)  (.+)$", result.stdout, re.M)
-    assert [name for _, name in checks] == ["accuracy never rises with eps", "about 0 at eps 64/255",
-                                            "5x steps do not raise accuracy", "BPDA not weaker than plain PGD"]
-    # a non-robust model and a working attack: everything passes, exit 0
-    assert [status for status, _ in checks] == ["PASS"] * 4, result.stdout
-    assert re.search(r"^sanity: PASS$", result.stdout, re.M)
-    assert result.returncode == 0
+                     "--steps", "4", "--surrogate", tiny_model_file, "--square-queries", "50", "--report", report,
+                     "--data-dir", data_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "FIRED" not in result.stdout
+    every = [name for name in M.CHECKS if name != "bpda"]
+    assert re.search(rf"^checks passed: {', '.join(every)}$", result.stdout, re.M), result.stdout
+    checks = json.loads(report.read_text())["checks"]
+    assert checks["fired"] == {} and checks["passed"] == every
 
 
 def test_autoattack_l2_report_on_a_tiny_model(run_cli, tmp_path, tiny_model_file, data_dir):

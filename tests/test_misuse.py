@@ -246,7 +246,7 @@ def test_a_new_model_file_leaves_no_prev(cli, tmp_path):
 
 def _note(*argv, rows=None):
     args = M.parse_args([str(a) for a in argv])
-    return M.apgd_cost_note(args, M.plan(args, []), M.Report(None, {}, rows))
+    return M.apgd_cost_note(args, M.plan(args, []), [M.Report(None, {}, rows)])
 
 
 def test_apgd_work_that_would_take_a_cpu_hours_says_so_first(cli, tiny_copy, monkeypatch):
@@ -371,7 +371,7 @@ def _no_attack_then_raise_in_batch_2(monkeypatch, exception):
             calls.append(len(y))
             if len(calls) == 2:
                 raise exception
-        return x.clone()
+        return [x.clone()]
 
     monkeypatch.setattr(M, "apgd", fake_apgd)
     return calls
@@ -468,7 +468,7 @@ def test_a_killed_evaluation_leaves_its_finished_rows_and_apgd_batches(cli, tiny
     # a row without its n_done (the record of its images is what counts) continues just the same
     del row["n_done"]
     report.write_text(json.dumps(saved))
-    monkeypatch.setattr(M, "apgd", lambda model, x, y, **kw: x.clone())
+    monkeypatch.setattr(M, "apgd", lambda model, x, y, **kw: [x.clone()])
     status, out, err = cli("--model-file", tiny_copy, "--eval", "natural,apgd-linf", "--n-eval", "8", "--report",
                            report)
     assert status == 0 and "apgd-linf: continuing after the first 4 of 8 images" in out, err
