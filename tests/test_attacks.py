@@ -227,18 +227,18 @@ def test_pgd_breaks_a_non_robust_model_and_beats_one_fgsm_step(tiny_trained, val
     x = val_set[0][:192].float() / 255
     y = val_set[1][:192]
     nat, nat_loss = _accuracy_and_loss(tiny_trained, x, y)
-    assert nat >= 20.0                                                # well above chance (10 %)
+    assert nat >= 20.0, f"premise: the tiny model well above chance (10 %), not {nat:.1f} %"
     fgsm = M.pgd(tiny_trained, x, y, norm="linf", eps=EPS_LINF, step_size=EPS_LINF, steps=1, random_start=False)
     pgd = M.pgd(tiny_trained, x, y, norm="linf", eps=EPS_LINF, step_size=EPS_LINF / 4, steps=10,
                 generator=_gen(0))
     fgsm_acc, fgsm_loss = _accuracy_and_loss(tiny_trained, fgsm, y)
     pgd_acc, pgd_loss = _accuracy_and_loss(tiny_trained, pgd, y)
     assert fgsm_acc < nat and fgsm_loss > nat_loss
-    assert pgd_acc <= 5.0 and pgd_acc <= nat - 15.0
+    assert pgd_acc <= nat / 2                       # 2 % of 26 % here: a wide margin
     assert pgd_acc <= fgsm_acc and pgd_loss >= fgsm_loss
     l2 = M.pgd(tiny_trained, x, y, norm="l2", eps=0.5, step_size=0.125, steps=10, generator=_gen(0))
     l2_acc, l2_loss = _accuracy_and_loss(tiny_trained, l2, y)
-    assert l2_acc <= nat - 10.0 and l2_loss > nat_loss
+    assert l2_acc <= nat * 2 / 3 and l2_loss > nat_loss      # 11 % of 26 % here
 
 
 def test_committed_model_is_robust_but_not_invulnerable(committed_model_file, val_set):
@@ -359,8 +359,8 @@ def test_autoattack_runs_under_bpda_and_is_at_least_as_strong_as_pgd(tiny_traine
     M.collect_statistics(net, M.Batches(train_set[0][:256], train_set[1][:256], 128, device="cpu"))
     M.set_alpha(net, 0.2)
     batches = M.Batches(val_set[0][:8], val_set[1][:8], 8, device="cpu")     # Square's queries cost the most
-    # BPDA PGD-20 leaves this non-robust model an image here (up to 7/255), AutoAttack's first attack, APGD-CE,
-    # none: the slow attacks after it (APGD-T, FAB-T, Square) have nothing left to do
+    # a non-robust model at 6/255: AutoAttack's first attack, APGD-CE, breaks what it can, and the slow attacks
+    # after it (APGD-T, FAB-T, Square) have little or nothing left to do
     eps = 6 / 255
     modes, shown = [], []
     hook = M.meansparse_modules(net)[0].register_forward_pre_hook(lambda m, i: modes.append(m.mode))
@@ -374,9 +374,12 @@ def test_autoattack_runs_under_bpda_and_is_at_least_as_strong_as_pgd(tiny_traine
     natural = M.accuracy(net, batches, "natural", opts, verbose=False)
     pgd = M.accuracy(net, batches, "bpda-linf", opts, verbose=False)
     print(f"natural {natural:.2f}  BPDA PGD-20 {pgd:.2f}  AutoAttack {row['accuracy']:.2f}")
-    assert pgd > 0                                  # else the comparison below says nothing
+    assert natural > 0, "premise: the tiny model classifies one of the eight images correctly"
     assert row["accuracy"] <= pgd + 100 / 8         # within one image of PGD, or stronger
     assert len(row["per_image"]) == 8 and row["accuracy"] == 100.0 * row["per_image"].count("1") / 8
+    # AutoAttack only ever breaks images: each it counts robust is one the model classifies correctly
+    clean = M.measure(M.Attack(net, opts), batches, desc="natural", verbose=False)["per_image"]
+    assert all(c == "1" for a, c in zip(row["per_image"], clean) if a == "1")
     assert row["accuracy"] < natural and row["version"] == "standard" and row["bpda"] is True
     # its progress lines were shown as they came and are kept for the report
     assert row["pyautoattack"] and row["log"] and shown == [f"  autoattack: {s}" for s in row["log"]]

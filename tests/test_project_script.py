@@ -47,10 +47,12 @@ def test_real_project_passes_with_the_expected_accuracy(run_checker, repo_root, 
     match = re.search(r"^Model nat accuracy \(test\): (\d+\.\d\d)$", result.stdout, re.M)
     assert match, result.stdout
     assert list(tmp_path.iterdir()) == []                          # it writes nothing where it runs
-    # the figure model.py measured on the same 1,024 validation images when it calibrated the file (alpha 0)
+    # the figure model.py measured on the same 1,024 validation images when it calibrated the file (alpha 0),
+    # on another machine: within one image, since the closest image lies 0.004 logits from the decision boundary
     calibration = torch.load(committed_model_file, weights_only=True)["meta"]["calibration"]
     clean = next(row["clean"] for row in calibration["sweep"] if row["alpha"] == 0)
-    assert calibration["n_val"] == 1024 and float(match.group(1)) == round(clean, 2) == 84.96
+    assert calibration["n_val"] == 1024 and round(clean, 2) == 84.96
+    assert abs(float(match.group(1)) - clean) <= 100 / 1024 + 1e-9, match.group(1)
 
 
 def test_project_without_model_py_fails(run_checker, tmp_path):
