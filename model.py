@@ -27,6 +27,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import platform
 import shutil
 import signal
 import sys
@@ -237,9 +238,21 @@ def pick_device(name):
     return torch.device(name)
 
 
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
 def device_name(device):
+    """The machine as a report records it: the GPU's name, or "cpu" with the CPU's model, the vector
+    instructions torch uses on it (AVX2, AVX512: they change the last bits of a result) and the threads."""
     device = torch.device(device)
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
 
 
 @contextlib.contextmanager
@@ -2667,13 +2680,13 @@ def comparison_table(projects, rows):
 def log_table(table, rows, log):
     """The comparison as text: a line per project, a column per row, then the checks that fired."""
     width = max(len("project"), *(len(label) for label in table))
-    log(f"{'project':{width}s}  " + "".join(f"{name:32s}" for name in rows) + "checks fired")
+    log(f"{'project':{width}s}  " + "".join(f"{name:34s}" for name in rows) + "checks fired")
     for label, entry in table.items():
         cells = [entry["rows"].get(name) for name in rows]
         text = ["-" if c is None else f"{c['accuracy']:6.2f} +- {c['se']:4.2f}" + (
             f" ({c['diff']:+6.2f} +- {c['diff_se']:4.2f})" if "diff" in c else "") for c in cells]
-        log(f"{label:{width}s}  " + "".join(f"{t:32s}" for t in text) + (", ".join(entry["checks_fired"]) or "none")
-            + (f"  error: {entry['error']}" if entry["error"] else ""))
+        log(f"{label:{width}s}  " + "".join(f"{t:34s}" for t in text) + (", ".join(entry["checks_fired"])
+            or ("-" if entry["error"] else "none")) + (f"  error: {entry['error']}" if entry["error"] else ""))
     log("(accuracy % +- its standard error; in brackets the paired difference from the first project)")
 
 

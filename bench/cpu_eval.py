@@ -163,15 +163,7 @@ def main():
         with open(args.report, "w") as f:
             json.dump({"command": " ".join(["python3"] + sys.argv), "model_file": M.Net.model_file,
                        "model_sha256": M.file_sha256(os.path.join(repo, M.Net.model_file)), "torch": torch.__version__,
-                       "threads": torch.get_num_threads(), "cpu": _cpu_name(), "rows": rows}, f, indent=2)
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
+                       "threads": torch.get_num_threads(), "cpu": M.device_name("cpu"), "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
