@@ -38,6 +38,9 @@ command_of() {       # name -> the command (model.py runs get --report $outdir/<
     # the adaptive evaluation of the committed model on the whole test set (PGD-20: ~10 s per 10,000 on an H200)
     apgd_linf_test)     echo ./model.py --model-file "$model" --eval natural,pgd-linf,apgd-linf "${n_flag[@]}" "${common[@]}" ;;
     apgd_l2_test)       echo ./model.py --model-file "$model" --eval pgd-l2,apgd-l2 "${n_flag[@]}" "${common[@]}" ;;
+    # README's AutoAttack figures again, in true float32 (the reports in results/ ran in TF32)
+    aa_linf_float32)    echo ./model.py --model-file "$model" --alpha 0 --eval aa-linf --n-eval 1000 "${common[@]}" ;;
+    aa_l2_float32)      echo ./model.py --model-file "$model" --alpha 0 --eval aa-l2 --n-eval 1000 "${common[@]}" ;;
     # the stronger recipe: train, calibrate, evaluate, and its speed
     recipe_train)       echo ./model.py "${recipe[@]}" --calibrate --alpha-criterion bpda --alpha-grid 0 \
                              --model-file "$recipe_model" --eval natural --split test --data-dir "$data" ;;
@@ -51,7 +54,7 @@ command_of() {       # name -> the command (model.py runs get --report $outdir/<
     *) return 1 ;;
     esac
 }
-all_runs="apgd_linf_test apgd_l2_test recipe_train recipe_calibrate recipe_test recipe_aa throughput throughput_compile"
+all_runs="apgd_linf_test apgd_l2_test aa_linf_float32 aa_l2_float32 recipe_train recipe_calibrate recipe_test recipe_aa throughput throughput_compile"
 
 case "${1:-}" in
 stage)
