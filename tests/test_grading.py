@@ -4,6 +4,7 @@ The projects are copies of this repository's model.py that build a WRN-10-1 (the
 models/default_model.pth), each with one flaw appended as a subclass of its Net, and two that never load.
 """
 import json
+import math
 import re
 import shutil
 
@@ -164,6 +165,55 @@ def test_project_flags_that_cannot_work_exit_2_with_one_line(cli, projects, argv
 def test_the_same_folder_twice_is_refused(cli, projects):
     status, out, err = cli("--project", projects["plain"], "--project", projects["plain"])
     assert status == 2 and err == [f"error: --project {projects['plain']} is given twice"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The checks that attack, each tripped by a model built to have its flaw
+# ----------------------------------------------------------------------------------------------------
+EPS, GREY = M.NORMS["linf"].eps, 128                 # Batches hold uint8 images: 128 is 128/255
+
+
+class Band(nn.Module):
+    """A model that is wrong exactly where an image's pixel sum, moved from the grey image's, lies in
+    [lo, hi] (in units of eps, summed over pixels), and whose input gradient is `slope` per pixel whatever
+    its output (slope -1: it leads away from the wrong band). PGD-k at radius r from its random start moves
+    the grey image's sum by about -0.23 r, -0.44 r and -0.75 r per pixel after 1, 2 and 4 steps (towards
+    the band for slope 1), with a spread of under 0.6 r per pixel: across 3,072 pixels the sum lands within
+    a few tens of eps of its mean, far from every band edge below."""
+
+    def __init__(self, lo, hi, slope=1.0):
+        super().__init__()
+        self.lo, self.hi, self.slope = lo, hi, slope
+
+    def forward(self, x):
+        d = (x.flatten(1).sum(1) - GREY / 255 * x[0].numel()) / EPS
+        first = torch.where((d >= self.lo) & (d <= self.hi), -10.0, 10.0) + self.slope * (d - d.detach())
+        return nn.functional.pad(first[:, None], (0, 9))        # ten logits, the label's the first
+
+
+def _attack_checks(model, surrogate=None):
+    x, y = torch.full((16, 3, 32, 32), GREY, dtype=torch.uint8), torch.zeros(16, dtype=torch.long)
+    seen, figures = M.attack_checks(model, M.Batches(x, y, 16, device="cpu"), M.AttackOptions(steps=2, queries=5),
+                                    surrogate or model)
+    return {name for name, saw in seen.items() if saw}, figures
+
+
+def test_the_convergence_check_fires_where_twice_the_steps_break_what_pgd_left():
+    fired, figures = _attack_checks(Band(-math.inf, -1800))      # PGD-2 reaches about -1344, PGD-4 -2304
+    assert (figures["accuracy"][2], figures["pgd4"]) == (100.0, 0.0), f"premise: {figures}"
+    assert fired == {"convergence"}
+
+
+def test_the_monotone_check_fires_where_a_larger_eps_leaves_more_images_correct():
+    fired, figures = _attack_checks(Band(-2000, -1000))          # eps/2, eps, 2 eps: about -672, -1344, -2688
+    assert figures["accuracy"] == [100.0, 100.0, 0.0, 100.0, 100.0], f"premise: {figures}"
+    assert fired == {"monotone", "unbounded"}
+
+
+def test_the_transfer_check_fires_where_the_model_s_own_gradient_leads_away():
+    fired, figures = _attack_checks(Band(-math.inf, -1000, slope=-1.0), surrogate=Band(-math.inf, -1000))
+    assert (figures["accuracy"][2], figures["transfer"]) == (100.0, 0.0), f"premise: {figures}"
+    assert {"transfer", "unbounded"} <= fired and not fired & {"convergence", "monotone"}
 
 
 # ----------------------------------------------------------------------------------------------------
