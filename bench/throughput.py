@@ -68,7 +68,8 @@ def main():
         rows.append((f"train {name} ({'bf16' if device.type == 'cuda' else 'fp32'})", args.batch_size / seconds))
     net.eval()
     attack = M.PGDAttack(net, M.AttackOptions(steps=args.eval_steps), norm="linf")
-    seconds = timed(lambda: attack.batch(x, y, 0), args.iters, args.warmup, device)
+    with M.true_float32():      # as ./model.py evaluates: TF32 off on CUDA
+        seconds = timed(lambda: attack.batch(x, y, 0), args.iters, args.warmup, device)
     rows.append((f"eval PGD-{args.eval_steps} (fp32)", args.batch_size / seconds))
     for name, rate in rows:
         print(f"{name:34s} {rate:10,.0f} img/s")
