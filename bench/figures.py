@@ -7,8 +7,8 @@
 Left: accuracy against MeanSparse's α on the validation split, from the committed model's calibration
 (plain PGD-20, BPDA PGD-20 and the APGD worst case; clean accuracy dotted, on its own axis;
 `results/adaptive_calibrate_val1024.json`).
-Right: accuracy against ε under PGD-20 L∞ (`--sanity` on 200 validation images,
-`results/sanity_val200_alpha0.json`).
+Right: accuracy against ε under PGD-20 L∞ (the sweep of `--sanity` on 200 validation images,
+`results/sanity_val200_alpha0.json`; its ε = 1 point, the unbounded check, is named in the legend).
 """
 import argparse
 import json
@@ -30,7 +30,7 @@ def main():
     with open(os.path.join(REPO, "results", "adaptive_calibrate_val1024.json")) as f:
         calibration = json.load(f)["calibration"]
     with open(os.path.join(REPO, "results", "sanity_val200_alpha0.json")) as f:
-        sanity = json.load(f)["sanity"]
+        checks = json.load(f)["checks"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.5, 3.6))
     robust = {**calibration, "sweep": [{k: v for k, v in row.items() if k != "clean"} for row in calibration["sweep"]]}
     M.plot_sweep(left, robust)
@@ -40,7 +40,8 @@ def main():
     clean.set_ylim(80, 90)
     clean.set_ylabel("clean accuracy (%), dotted", color="grey")
     left.set_title("MeanSparse alpha: 1,024 validation images")
-    right.plot([e * 255 for e in sanity["eps"]], sanity["accuracy"], "-o", markersize=3, label="PGD-20 L-inf")
+    points = [(eps * 255, acc) for eps, acc in zip(checks["eps"], checks["accuracy"]) if eps < 1]
+    right.plot(*zip(*points), "-o", markersize=3, label=f"PGD-20 L-inf (at eps 1: {checks['accuracy'][-1]:g} %)")
     right.set(xlabel="eps (x/255)", ylabel="accuracy (%)", title="committed model (alpha 0): 200 val. images")
     for ax in (left, right):
         ax.grid(alpha=0.3)
